@@ -1,0 +1,495 @@
+"""The jupyterhub-outpost application: configuration, startup, shutdown."""
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import signal
+import sys
+
+from jupyterhub.spawner import Spawner
+from jupyterhub.traitlets import EntryPointType
+from jupyterhub.utils import maybe_future
+from tornado import web
+from tornado.httpserver import HTTPServer
+from tornado.log import LogFormatter, access_log
+from traitlets import (
+    Bool,
+    Callable,
+    Dict,
+    Float,
+    Integer,
+    List,
+    Unicode,
+    Union,
+    default,
+    validate,
+)
+from traitlets.config import Application, catch_config_error
+
+from . import crypto, dbutil, orm
+from ._version import __version__
+from .handlers import default_handlers
+from .handlers.base import NotFoundAPIHandler
+from .hubclient import HubClient
+from .log import install_scrubber, log_request, secrets
+from .servers import ServerManager
+from .utils import url_path_join
+
+HUB_CREDENTIALS_ENV = "OUTPOST_HUB_CREDENTIALS"
+HUB_CREDENTIALS_FILE_ENV = "OUTPOST_HUB_CREDENTIALS_FILE"
+
+aliases = {
+    "f": "JupyterHubOutpost.config_file",
+    "config": "JupyterHubOutpost.config_file",
+    "ip": "JupyterHubOutpost.ip",
+    "port": "JupyterHubOutpost.port",
+    "base-url": "JupyterHubOutpost.base_url",
+    "db": "JupyterHubOutpost.db_url",
+    "log-level": "Application.log_level",
+}
+
+flags = {
+    "debug": (
+        {"Application": {"log_level": logging.DEBUG}},
+        "Set the log level to DEBUG (secrets stay hidden).",
+    ),
+    "generate-config": (
+        {"JupyterHubOutpost": {"generate_config": True}},
+        "Write a commented default configuration file (to -f) and exit.",
+    ),
+}
+
+
+class UpgradeDB(Application):
+    """Upgrade the database schema to this version's revision"""
+
+    name = "jupyterhub-outpost-upgrade-db"
+    version = __version__
+    description = """Upgrade the Outpost's database schema.
+
+    Back up the database first. For SQLite, a copy is made beside the file.
+    """
+    aliases = aliases
+    flags = flags
+
+    def start(self):
+        outpost = JupyterHubOutpost(parent=self)
+        outpost.load_config_file(outpost.config_file)
+        outpost.init_logging()
+        dbutil.backup_sqlite(outpost.db_url, outpost.log)
+        dbutil.upgrade(outpost.db_url)
+        outpost.log.info("Database schema is at revision %s", dbutil.head_revision())
+
+
+class JupyterHubOutpost(Application):
+    """Runs JupyterHub Spawners on behalf of one or several JupyterHubs."""
+
+    name = "jupyterhub-outpost"
+    version = __version__
+    description = """Start, poll and stop JupyterHub single-user servers for hubs
+    that use the OutpostSpawner.
+
+    The Outpost runs the Spawner you configure (LocalProcessSpawner by default)
+    exactly as JupyterHub would, and serves the OutpostSpawner's HTTP API.
+    """
+    examples = """
+    jupyterhub-outpost -f outpost_config.py
+    jupyterhub-outpost --generate-config -f outpost_config.py
+    jupyterhub-outpost upgrade-db -f outpost_config.py
+    """
+    aliases = aliases
+    flags = flags
+    subcommands = {
+        "upgrade-db": (UpgradeDB, "Upgrade the database schema to this version."),
+    }
+    _log_formatter_cls = LogFormatter
+
+    @property
+    def classes(self):
+        from jupyterhub.spawner import LocalProcessSpawner, SimpleLocalProcessSpawner
+
+        return [JupyterHubOutpost, HubClient, Spawner, LocalProcessSpawner, SimpleLocalProcessSpawner]
+
+    config_file = Unicode(
+        "outpost_config.py",
+        help="The configuration file to load (``-f``); with ``--generate-config`` the file to write.",
+    ).tag(config=True)
+
+    generate_config = Bool(False, help="Write a commented configuration file and exit.").tag(
+        config=True
+    )
+
+    ip = Unicode(
+        "",
+        help="""The IP address the API listens on. Empty (the default) means all interfaces.""",
+    ).tag(config=True)
+
+    port = Integer(8080, help="The TCP port the API listens on.").tag(config=True)
+
+    base_url = Unicode(
+        "/",
+        help="""Path prefix of every endpoint.
+
+        With ``c.JupyterHubOutpost.base_url = "/outpost/"`` the hub's
+        ``request_url`` is ``http://host:8080/outpost/services/``.
+        """,
+    ).tag(config=True)
+
+    @validate("base_url")
+    def _validate_base_url(self, proposal):
+        return url_path_join("/", proposal.value, "/")
+
+    db_url = Unicode(
+        "sqlite:///jupyterhub_outpost.sqlite",
+        help="""SQLAlchemy URL of the database that holds the servers' records.
+
+        Default: the SQLite file ``jupyterhub_outpost.sqlite`` in the working
+        directory. PostgreSQL: ``postgresql+psycopg://user@host/dbname``.
+        """,
+    ).tag(config=True)
+
+    db_workers = Integer(
+        0,
+        help="""Threads that run database work. 0 (default): 1 for SQLite, 4 otherwise.""",
+    ).tag(config=True)
+
+    spawner_class = EntryPointType(
+        default_value="jupyterhub.spawner.LocalProcessSpawner",
+        klass=Spawner,
+        entry_point_group="jupyterhub.spawners",
+        help="""The Spawner class that starts the servers, as in JupyterHub.
+
+        A class or an import string; its traits are configured as in
+        ``jupyterhub_config.py``, for example::
+
+            c.JupyterHubOutpost.spawner_class = "batchspawner.SlurmSpawner"
+            c.SlurmSpawner.req_partition = "batch"
+
+        Default: JupyterHub's LocalProcessSpawner, which starts each server as
+        the system user of the hub's user name (run the Outpost as root).
+        """,
+    ).tag(config=True)
+
+    hub_credentials = Dict(
+        key_trait=Unicode(),
+        value_trait=Unicode(),
+        help=f"""The hubs allowed to use this Outpost: hub name to password.
+
+        Each hub sends its name and password with HTTP Basic authentication
+        (``c.OutpostSpawner.request_headers`` at the hub). Keep passwords out
+        of the config file: by default they are read from the environment
+        variable ``{HUB_CREDENTIALS_ENV}`` (a JSON object), or from the JSON
+        file named by ``{HUB_CREDENTIALS_FILE_ENV}`` (a systemd credential or a
+        mounted Kubernetes secret)::
+
+            {HUB_CREDENTIALS_ENV}='{{"hub-a": "secret-a", "hub-b": "secret-b"}}'
+        """,
+    ).tag(config=True)
+
+    @default("hub_credentials")
+    def _hub_credentials_default(self):
+        path = os.environ.get(HUB_CREDENTIALS_FILE_ENV)
+        if path:
+            with open(path) as f:
+                return json.load(f)
+        text = os.environ.get(HUB_CREDENTIALS_ENV)
+        return json.loads(text) if text else {}
+
+    crypt_keys = List(
+        Unicode(),
+        help=f"""Keys that encrypt the records at rest (Fernet keys or 64 hex digits).
+
+        The first key encrypts, every key decrypts: add a new key in front to
+        rotate. Default: the environment variable ``{crypto.KEY_ENV}``
+        (keys separated by ``;``). Without any key, one is generated once and
+        kept in ``crypt_key_file`` (mode 0600). Generate a key with
+        ``python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"``.
+        """,
+    ).tag(config=True)
+
+    @default("crypt_keys")
+    def _crypt_keys_default(self):
+        return crypto.parse_keys(os.environ.get(crypto.KEY_ENV, ""))
+
+    crypt_key_file = Unicode(
+        help="""Where the generated key is kept when ``crypt_keys`` is empty.
+
+        Default: ``jupyterhub_outpost_crypt_key`` beside the SQLite database,
+        or in the working directory for other databases.
+        """,
+    ).tag(config=True)
+
+    @default("crypt_key_file")
+    def _crypt_key_file_default(self):
+        path = dbutil.sqlite_path(self.db_url)
+        directory = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
+        return os.path.join(directory, "jupyterhub_outpost_crypt_key")
+
+    allow_override = Callable(
+        None,
+        allow_none=True,
+        help="""Decide whether a start's ``misc`` overrides are applied.
+
+        Called as ``allow_override(hub_name, misc)`` (may be async) before the
+        server is recorded; a false answer fails the start with a message
+        naming the refused keys. Default: every override of a known trait is
+        applied (unknown traits are always ignored). Example::
+
+            def allow_override(hub_name, misc):
+                return hub_name == "trusted-hub" or set(misc) <= {"port", "ip"}
+
+            c.JupyterHubOutpost.allow_override = allow_override
+        """,
+    ).tag(config=True)
+
+    sanitize_start_response = Callable(
+        help="""Turn what ``Spawner.start()`` returned into the address sent to the hub.
+
+        Called as ``sanitize_start_response(spawner, response)`` (may be
+        async). The result is sent as ``host:port`` (tuples) or
+        ``scheme://host:port`` (URLs, without path). Default: unchanged.
+        Example, for hubs that reach servers through a login node::
+
+            def sanitize_start_response(spawner, response):
+                return ("login01.cluster", spawner.port)
+
+            c.JupyterHubOutpost.sanitize_start_response = sanitize_start_response
+        """,
+    ).tag(config=True)
+
+    @default("sanitize_start_response")
+    def _sanitize_start_response_default(self):
+        return lambda spawner, response: response
+
+    send_events = Union(
+        [Bool(), Callable()],
+        default_value=True,
+        help="""Whether progress events are posted to the hub during starts.
+
+        A bool, or a callable ``send_events(hub_name) -> bool``. Default: True.
+        """,
+    ).tag(config=True)
+
+    max_body_size = Integer(
+        1024 * 1024,
+        help="""Largest request body accepted, in bytes (default 1 MiB). Larger: 413.""",
+    ).tag(config=True)
+
+    internal_certs_location = Unicode(
+        "outpost-internal-ssl",
+        help="""Directory for the certificates a hub sends with ``internal_ssl``.
+
+        Each start gets a private (0700) subdirectory, removed when the server
+        stops. Certificates are never written to the database.
+        """,
+    ).tag(config=True)
+
+    pending_timeout = Float(
+        600,
+        help="""Seconds after which a start or stop still marked pending is taken
+        as interrupted (the process that ran it died) and cleaned up.
+
+        Keep it above the spawner's ``start_timeout``.
+        """,
+    ).tag(config=True)
+
+    cleanup_interval = Float(
+        60, help="Seconds between checks for interrupted starts and stops."
+    ).tag(config=True)
+
+    # runtime state, not configuration
+    db = None
+    hub_client = None
+    server_manager = None
+    http_server = None
+
+    @property
+    def certs_dir(self):
+        return os.path.abspath(self.internal_certs_location)
+
+    def check_hub_credentials(self, name, password):
+        """True if ``password`` is the configured password of hub ``name``"""
+        expected = self.hub_credentials.get(name)
+        if expected is None:
+            hmac.compare_digest(password.encode(), b"\0" * 32)
+            return False
+        return hmac.compare_digest(password.encode(), expected.encode())
+
+    def events_enabled(self, hub):
+        if callable(self.send_events):
+            return bool(self.send_events(hub))
+        return self.send_events
+
+    async def flavor_usage(self, hub):
+        """This hub's flavor usage, as sent to the hub ({} without flavors)"""
+        return {}
+
+    # initialization, in the order initialize() calls it
+
+    def init_logging(self):
+        self.log.propagate = False
+        formatter = self._log_formatter_cls(
+            fmt=self.log_format, datefmt=self.log_datefmt
+        )
+        for handler in self.log.handlers:
+            handler.setFormatter(formatter)
+        for name in ("tornado", "alembic", "jupyterhub", "batchspawner", "kubespawner"):
+            logger = logging.getLogger(name)
+            logger.propagate = True
+            logger.parent = self.log
+            logger.setLevel(self.log.level)
+        access_log.setLevel(self.log.level)
+        install_scrubber(self.log)
+
+    @default("log_format")
+    def _log_format_default(self):
+        return "%(color)s[%(levelname)1.1s %(asctime)s.%(msecs).03d %(name)s %(module)s:%(lineno)d]%(end_color)s %(message)s"
+
+    @default("log_datefmt")
+    def _log_datefmt_default(self):
+        return "%Y-%m-%d %H:%M:%S"
+
+    def init_secrets(self):
+        for password in self.hub_credentials.values():
+            secrets.add(password)
+        if not self.hub_credentials:
+            self.log.warning(
+                "No hub credentials configured: every request will be refused. "
+                "Set c.JupyterHubOutpost.hub_credentials or %s.",
+                HUB_CREDENTIALS_ENV,
+            )
+        keys = list(self.crypt_keys)
+        if not keys:
+            key, created = crypto.load_or_create_key_file(self.crypt_key_file)
+            self.log.log(
+                logging.WARNING if created else logging.INFO,
+                "%s the encryption key in %s (set %s to manage keys yourself)",
+                "Generated" if created else "Using",
+                self.crypt_key_file,
+                crypto.KEY_ENV,
+            )
+            keys = [key.decode()]
+        for key in keys:
+            secrets.add(key)
+        self.crypt = crypto.CryptKeeper(keys)
+
+    def init_db(self):
+        self.log.info("Database: %s", _safe_db_url(self.db_url))
+        dbutil.prepare_database(self.db_url, self.log)
+        self.db = orm.Database(self.db_url, self.crypt, workers=self.db_workers or None)
+
+    def init_servers(self):
+        self.hub_client = HubClient(parent=self)
+        self.server_manager = ServerManager(self)
+        self.log.info("Spawner: %s.%s", self.spawner_class.__module__, self.spawner_class.__name__)
+
+    def init_tornado_application(self):
+        handlers = [(url_path_join(self.base_url, pattern), cls) for pattern, cls in default_handlers]
+        self.tornado_application = web.Application(
+            handlers,
+            default_handler_class=NotFoundAPIHandler,
+            log_function=log_request,
+            outpost=self,
+            server_manager=self.server_manager,
+            log=self.log,
+        )
+
+    @catch_config_error
+    def initialize(self, argv=None):
+        super().initialize(argv)
+        if self.subapp:
+            return
+        if self.generate_config:
+            return
+        self.load_config_file(self.config_file)
+        self.init_logging()
+        if self.config_file and not os.path.exists(self.config_file):
+            self.log.info("No config file %s: running on the defaults", self.config_file)
+        self.init_secrets()
+        self.init_db()
+        self.init_servers()
+        self.init_tornado_application()
+
+    def load_config_file(self, filename, path=None):
+        if filename and os.path.exists(filename):
+            super().load_config_file(filename, path=path)
+
+    def write_config_file(self):
+        if os.path.exists(self.config_file):
+            print(f"{self.config_file} exists; not overwriting it.", file=sys.stderr)
+            self.exit(1)
+        text = self.generate_config_file()
+        with open(self.config_file, "w") as f:
+            f.write(text)
+        print(f"Wrote configuration to {self.config_file}")
+
+    # running
+
+    async def start_async(self):
+        if self.subapp:
+            self.subapp.start()
+            return
+        if self.generate_config:
+            self.write_config_file()
+            return
+        self.http_server = HTTPServer(
+            self.tornado_application, max_body_size=4 * self.max_body_size + 65536
+        )
+        self.http_server.listen(self.port, address=self.ip or None)
+        self.log.info(
+            "jupyterhub-outpost %s listening on http://%s:%i%s",
+            __version__, self.ip or "*", self.port, self.base_url,
+        )  # fmt: skip
+        self._stopped = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopped.set)
+        cleanup = asyncio.create_task(self._cleanup_loop())
+        await self._stopped.wait()
+        cleanup.cancel()
+        await self.shutdown()
+
+    async def _cleanup_loop(self):
+        while True:
+            await self.server_manager.cleanup_interrupted(self.pending_timeout)
+            await asyncio.sleep(self.cleanup_interval)
+
+    async def shutdown(self):
+        """Stop listening, cancel starts in flight; running servers keep running"""
+        self.log.info("Shutting down; running servers keep running")
+        if self.http_server is not None:
+            self.http_server.stop()
+        await self.server_manager.shutdown()
+        await asyncio.get_running_loop().run_in_executor(None, self.db.close)
+
+    def stop(self):
+        """Ask a running Outpost to shut down (thread-safe for the loop's thread)"""
+        self._stopped.set()
+
+    @classmethod
+    def launch_instance(cls, argv=None, **kwargs):
+        self = cls.instance(**kwargs)
+
+        async def launch():
+            self.initialize(argv)
+            await self.start_async()
+
+        asyncio.run(launch())
+
+
+def _safe_db_url(url):
+    """The database URL without its password"""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "(unparseable URL)"
+
+
+main = JupyterHubOutpost.launch_instance
+
+if __name__ == "__main__":
+    main()

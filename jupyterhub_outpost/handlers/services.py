@@ -1,0 +1,136 @@
+"""The servers of one hub: start, list, poll, stop (``/services``)."""
+
+from tornado import web
+
+from ..utils import SERVER_NAME_RE, START_ID_RE
+from .base import OutpostAPIHandler
+
+_LIMITS = {"env": 4096, "user_options": 1024, "misc": 1024}
+
+
+def _bad(message):
+    return web.HTTPError(400, message)
+
+
+def _check_string_map(body, key):
+    value = body.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise _bad(f"'{key}' must be an object of strings")
+    return value
+
+
+def _check_object(body, key):
+    value = body.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad(f"'{key}' must be a JSON object")
+    if len(value) > _LIMITS.get(key, 1024):
+        raise _bad(f"'{key}' has too many entries")
+    return value
+
+
+def check_name(name):
+    if not isinstance(name, str) or not SERVER_NAME_RE.match(name):
+        raise _bad(
+            "'name' must be a string of at most 255 letters, digits or '_.@+-'"
+        )
+    return name
+
+
+def check_start_id(start_id):
+    if not isinstance(start_id, (str, int)) or not START_ID_RE.match(str(start_id)):
+        raise _bad(
+            "'start_id' must be 1 to 128 letters, digits or '_.@+-'"
+        )
+    return str(start_id)
+
+
+def parse_start_request(body):
+    """Validate a start body; return the parts ServerManager.start takes"""
+    if "name" not in body:
+        raise _bad("'name' is missing")
+    env = _check_string_map(body, "env")
+    if len(env) > _LIMITS["env"]:
+        raise _bad("'env' has too many entries")
+    user_options = _check_object(body, "user_options")
+    if "start_id" not in user_options:
+        raise _bad("'user_options.start_id' is missing")
+    flavor = user_options.get("flavor")
+    if flavor is not None and not isinstance(flavor, str):
+        raise _bad("'user_options.flavor' must be a string")
+    authentication = _check_object(body, "authentication")
+    return {
+        "request": {
+            "name": check_name(body["name"]),
+            "start_id": check_start_id(user_options["start_id"]),
+            "env": env,
+            "user_options": user_options,
+            "misc": _check_object(body, "misc"),
+            "flavor": flavor,
+            "authentication": authentication,
+        },
+        "certs": _check_string_map(body, "certs"),
+        "trust_bundles": _check_string_map(body, "internal_trust_bundles"),
+    }
+
+
+class ServicesAPIHandler(OutpostAPIHandler):
+    """``GET /services``: list; ``POST /services``: start"""
+
+    async def get(self):
+        self.write_json(await self.servers.list(self.current_hub))
+
+    async def post(self):
+        parsed = parse_start_request(self.get_json_body())
+        run_async = self.is_async()
+        answer = await self.servers.start(
+            self.current_hub,
+            parsed["request"],
+            certs=parsed["certs"],
+            trust_bundles=parsed["trust_bundles"],
+            auth_state=self.auth_state(),
+            run_async=run_async,
+        )
+        self.write_json(answer, status=202 if run_async else 200)
+
+    def auth_state(self):
+        """``auth-state-<key>`` headers as a dict (used for this start only)"""
+        prefix = "auth-state-"
+        return {
+            name[len(prefix) :]: value
+            for name, value in self.request.headers.get_all()
+            if name.lower().startswith(prefix)
+        }
+
+
+class ServerAPIHandler(OutpostAPIHandler):
+    """``GET /services/{name}/{start_id}``: poll; ``DELETE``: stop"""
+
+    def _key(self, name, start_id):
+        if not SERVER_NAME_RE.match(name) or not START_ID_RE.match(start_id):
+            raise web.HTTPError(404, "No such server")
+        return self.current_hub, name, start_id
+
+    async def get(self, name, start_id):
+        collect_logs = self.get_query_argument("collect_logs", "false").lower() == "true"
+        model = await self.servers.poll(*self._key(name, start_id), collect_logs=collect_logs)
+        self.write_json(model)
+
+    async def delete(self, name, start_id):
+        collect_logs = self.get_query_argument("collect_logs", "false").lower() == "true"
+        run_async = self.is_async()
+        model = await self.servers.stop(
+            *self._key(name, start_id), collect_logs=collect_logs, run_async=run_async
+        )
+        self.write_json(model, status=202 if run_async else 200)
+
+
+default_handlers = [
+    (r"/services/?", ServicesAPIHandler),
+    (r"/services/([^/]*)/([^/]*)/?", ServerAPIHandler),
+]

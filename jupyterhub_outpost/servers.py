@@ -1,0 +1,556 @@
+"""Running JupyterHub Spawners on behalf of hubs.
+
+:class:`ServerManager` owns every start, poll and stop. Each start of a
+server is a :class:`ManagedServer`: one Spawner instance, built from the
+hub's start request, driven in the order JupyterHub's own ``User.spawn``
+uses (user options, ``pre_spawn_hook``, certificates, ``start()`` under
+``start_timeout``), with its state written to the database as soon as it
+exists. Poll and stop rebuild the Spawner from the database when this
+process does not hold it (after a restart, or when another process started
+it).
+"""
+
+import asyncio
+import html
+import os
+import shutil
+import time
+from functools import partial
+
+from jupyterhub.utils import iterate_until, maybe_future
+from traitlets import TraitError
+from traitlets.config import LoggingConfigurable
+
+from . import orm
+from .errors import (
+    OverrideRefusedError,
+    ServerBusyError,
+    ServerNotFoundError,
+    StartCancelledError,
+    StartFailedError,
+    StatusUnknownError,
+    StopFailedError,
+)
+from .log import secrets
+from .objects import OutpostDB, OutpostHub, OutpostORMSpawner, OutpostUser
+from .utils import format_service_address, isoformat
+
+# Spawner attributes a start request may never set: they connect the
+# Spawner to the Outpost, or carry credentials.
+PROTECTED_TRAITS = frozenset(
+    {
+        "user", "hub", "orm_spawner", "db", "config", "parent", "log",
+        "authenticator", "api_token", "oauth_client_id", "cert_paths",
+        "internal_trust_bundles", "internal_certs_location", "handler",
+        "user_options", "server", "proxy_spec", "oauth_roles",
+    }
+)  # fmt: skip
+
+# env keys that describe the Outpost side of a server (where it binds, where
+# its certificates are): the Spawner's own values win over the hub's.
+OUTPOST_SIDE_ENV = (
+    "JUPYTERHUB_SERVICE_URL",
+    "JUPYTERHUB_SSL_KEYFILE",
+    "JUPYTERHUB_SSL_CERTFILE",
+    "JUPYTERHUB_SSL_CLIENT_CA",
+)
+
+SECRET_ENV_KEYS = ("JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN", "JUPYTERHUB_FLAVORS_UPDATE_TOKEN")
+
+
+def _register_secrets(env):
+    for key in SECRET_ENV_KEYS:
+        secrets.add(env.get(key))
+
+
+def _forget_secrets(env):
+    for key in SECRET_ENV_KEYS:
+        if env.get(key):
+            secrets.discard(env[key])
+
+
+class ManagedServer:
+    """One start of one server: its Spawner and what belongs to it"""
+
+    def __init__(self, manager, record, request, spawner, db):
+        self.manager = manager
+        self.outpost_db = db
+        self.record = record
+        self.request = request
+        self.spawner = spawner
+        self.start_task = None
+        self.log_name = "{}/{}/{}".format(*record.key)
+
+    @property
+    def env(self):
+        return self.request["env"]
+
+    @property
+    def starting(self):
+        return self.start_task is not None and not self.start_task.done()
+
+    async def save_state(self, service=None, start_done=False):
+        await self.manager.db.save_state(
+            self.record.id, self.spawner.get_state(), service, start_done
+        )
+
+
+class ServerManager(LoggingConfigurable):
+    """Starts, polls, stops and lists the servers of all hubs.
+
+    Parameters:
+        app: the :class:`~jupyterhub_outpost.app.JupyterHubOutpost` whose
+            configuration (spawner class, hooks) applies
+    """
+
+    def __init__(self, app, **kwargs):
+        super().__init__(parent=app, **kwargs)
+        self.app = app
+        self.db = app.db
+        self.hub_client = app.hub_client
+        self.active = {}  # key -> ManagedServer held by this process
+        self._restoring = {}  # key -> Future[ManagedServer]
+        self._stopping = {}  # key -> Task
+        self._background = set()
+
+    # building spawners
+
+    def _spawner_class(self, name):
+        cls = self.app.spawner_class
+        if name and name != _class_name(cls):
+            self.log.warning(
+                "Server was started with %s, now using the configured %s", name, _class_name(cls)
+            )
+        return cls
+
+    def build_spawner(self, record, request, auth_state=None):
+        """A Spawner configured from the config file and the start request"""
+        env = request["env"]
+        hub = OutpostHub(env)
+        user = OutpostUser(
+            env.get("JUPYTERHUB_USER", record.user_name), _int(record.hub_user_id), hub, auth_state
+        )
+        orm_spawner = OutpostORMSpawner(
+            record.name, request.get("user_options", {}), env.get("JUPYTERHUB_SERVICE_PREFIX")
+        )
+        holder = {}
+        db = OutpostDB(on_commit=lambda: self._commit_state(holder["managed"]))
+        spawner = self._spawner_class(record.spawner_class)(
+            parent=self.app,
+            user=user,
+            hub=hub,
+            orm_spawner=orm_spawner,
+            _deprecated_db_session=db,
+            user_options=request.get("user_options", {}),
+            api_token=env.get("JUPYTERHUB_API_TOKEN", ""),
+            oauth_client_id=env.get("JUPYTERHUB_CLIENT_ID", ""),
+        )
+        self._apply_overrides(spawner, request.get("misc") or {}, record)
+        _merge_env(spawner, env)
+        managed = ManagedServer(self, record, request, spawner, db)
+        holder["managed"] = managed
+        _register_secrets(env)
+        return managed
+
+    def _apply_overrides(self, spawner, misc, record):
+        for key, value in misc.items():
+            if key in PROTECTED_TRAITS or key.startswith("_") or not spawner.has_trait(key):
+                self.log.debug("%s/%s/%s - ignoring override of unknown trait %r", *record.key, key)
+                continue
+            try:
+                setattr(spawner, key, value)
+            except TraitError as e:
+                raise OverrideRefusedError(f"Invalid value for {key}: {e}") from None
+
+    async def _commit_state(self, managed):
+        try:
+            await managed.save_state()
+        except Exception:
+            self.log.exception("%s - could not store the spawner state", managed.log_name)
+
+    # start
+
+    async def check_overrides(self, hub, misc):
+        """Ask the ``allow_override`` hook whether ``misc`` may be applied"""
+        hook = self.app.allow_override
+        if not misc or hook is None:
+            return
+        allowed = await maybe_future(hook(hub, misc))
+        if not allowed:
+            raise OverrideRefusedError(
+                "The Outpost refused the requested configuration overrides: "
+                + ", ".join(sorted(misc))
+            )
+
+    async def start(self, hub, request, certs=None, trust_bundles=None, auth_state=None, run_async=False):
+        """Start a server; return ``{"service": address}``.
+
+        ``request`` holds ``name``, ``start_id``, ``env``, ``user_options``,
+        ``misc`` and ``flavor``; certificates and auth state are only used,
+        never stored. With ``run_async`` the start runs in the background and
+        an empty service is returned at once.
+        """
+        await self.check_overrides(hub, request.get("misc"))
+        stored = {k: request[k] for k in ("env", "user_options", "misc")}
+        env = request["env"]
+        record_id = await self.db.add_server(
+            hub,
+            env.get("JUPYTERHUB_USER", ""),
+            env.get("JUPYTERHUB_USER_ID") or env.get("JUPYTERHUB_USER", ""),
+            request["name"],
+            request["start_id"],
+            spawner_class=_class_name(self.app.spawner_class),
+            flavor=request.get("flavor"),
+            request=stored,
+        )
+        record = await self.db.get_server(hub, request["name"], request["start_id"])
+        try:
+            managed = self.build_spawner(record, stored, auth_state)
+        except Exception as e:
+            await self.db.delete_server(record_id)
+            raise StartFailedError(e) from e
+        self.active[record.key] = managed
+        managed.start_task = asyncio.create_task(
+            self._run_start(managed, certs or {}, trust_bundles or {}, run_async)
+        )
+        if run_async:
+            self._keep(managed.start_task)
+            return {"service": ""}
+        await asyncio.wait([managed.start_task])
+        if managed.start_task.cancelled():
+            raise StartCancelledError("The start was cancelled by a stop request")
+        return {"service": managed.start_task.result()}
+
+    async def _run_start(self, managed, certs, trust_bundles, run_async):
+        spawner = managed.spawner
+        spawner._spawn_pending = True
+        forwarder = None
+        try:
+            if self.app.events_enabled(managed.record.hub):
+                await self.hub_client.send_event(
+                    managed.env,
+                    {"progress": 30, "message": f"Outpost: starting the server ({type(spawner).__name__})"},
+                    managed.log_name,
+                )
+            await spawner._run_apply_user_options(spawner.user_options)
+            await maybe_future(spawner.run_pre_spawn_hook())
+            if certs:
+                await self._install_certs(managed, certs, trust_bundles)
+            start_future = asyncio.ensure_future(maybe_future(spawner.start()))
+            spawner._spawn_future = start_future
+            if self.app.events_enabled(managed.record.hub):
+                forwarder = asyncio.create_task(self._forward_progress(managed, start_future))
+            try:
+                result = await asyncio.wait_for(asyncio.shield(start_future), spawner.start_timeout)
+            except asyncio.TimeoutError:
+                start_future.cancel()
+                raise TimeoutError(
+                    f"Spawner.start did not finish within {spawner.start_timeout} seconds"
+                ) from None
+            service = format_service_address(
+                await maybe_future(self.app.sanitize_start_response(spawner, result))
+            )
+            spawner._spawn_pending = False
+            if forwarder is not None:
+                await asyncio.wait([forwarder], timeout=self.app.hub_client.request_timeout)
+            await managed.outpost_db.flush_pending()
+            await managed.save_state(service=service, start_done=True)
+            self.log.info("%s - started at %s", managed.log_name, service or "(address follows)")
+            self._after_change(managed)
+            return service
+        except asyncio.CancelledError:
+            self.log.info("%s - start cancelled", managed.log_name)
+            await self._discard_failed_start(managed)
+            raise
+        except Exception as e:
+            self.log.error("%s - start failed: %s", managed.log_name, _describe(e))
+            self.log.debug("%s - start failure", managed.log_name, exc_info=True)
+            if run_async:
+                await self.hub_client.send_event(managed.env, _failed_event(e), managed.log_name)
+            await self._discard_failed_start(managed)
+            raise StartFailedError(e) from e
+        finally:
+            spawner._spawn_pending = False
+            if forwarder is not None and not forwarder.done():
+                forwarder.cancel()
+
+    async def _forward_progress(self, managed, start_future):
+        try:
+            async for event in iterate_until(start_future, managed.spawner.progress()):
+                if not isinstance(event, dict):
+                    continue
+                event = {k: v for k, v in event.items() if k != "ready"}
+                await self.hub_client.send_event(managed.env, event, managed.log_name)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.log.exception("%s - could not forward progress", managed.log_name)
+
+    async def _discard_failed_start(self, managed):
+        """After a failed or cancelled start: stop, forget, tell the hub"""
+        try:
+            await maybe_future(managed.spawner.stop(now=True))
+        except Exception as e:
+            self.log.warning("%s - stop after failed start: %s", managed.log_name, _describe(e))
+        await self._forget(managed)
+
+    async def _forget(self, managed):
+        await self._remove_certs(managed)
+        await self.db.delete_server(managed.record.id)
+        if self.active.get(managed.record.key) is managed:
+            del self.active[managed.record.key]
+        _forget_secrets(managed.env)
+        self._after_change(managed)
+
+    def _after_change(self, managed):
+        """Tell the hub its flavor usage changed (in the background)"""
+        self._keep(asyncio.ensure_future(self._send_flavor_update(managed)))
+
+    async def _send_flavor_update(self, managed):
+        usage = await self.app.flavor_usage(managed.record.hub)
+        await self.hub_client.send_flavor_update(managed.env, usage, managed.log_name)
+
+    def _keep(self, task):
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # certificates
+
+    def _cert_dir(self, record):
+        hub, name, start_id = record.key
+        return os.path.join(self.app.certs_dir, hub, f"{name or '_'}.{start_id}")
+
+    async def _install_certs(self, managed, certs, trust_bundles):
+        directory = self._cert_dir(managed.record)
+        loop = asyncio.get_running_loop()
+        paths, bundles = await loop.run_in_executor(
+            None, partial(_write_cert_files, directory, certs, trust_bundles)
+        )
+        spawner = managed.spawner
+        spawner.internal_ssl = True
+        spawner.internal_trust_bundles = bundles
+        spawner.internal_certs_location = directory
+        spawner.cert_paths = await maybe_future(spawner.move_certs(paths))
+
+    async def _remove_certs(self, managed):
+        directory = self._cert_dir(managed.record)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, partial(shutil.rmtree, directory, ignore_errors=True))
+
+    # poll
+
+    async def _managed(self, record):
+        """The ManagedServer of ``record``, rebuilt from the database if needed"""
+        managed = self.active.get(record.key)
+        if managed is not None and managed.record.id == record.id:
+            return managed
+        future = self._restoring.get(record.key)
+        if future is None:
+            future = asyncio.ensure_future(self._restore(record))
+            self._restoring[record.key] = future
+            future.add_done_callback(lambda f: self._restoring.pop(record.key, None))
+        return await asyncio.shield(future)
+
+    async def _restore(self, record):
+        full = await self.db.get_server(*record.key, secrets=True)
+        if full is None:
+            raise ServerNotFoundError()
+        managed = self.build_spawner(full, full.request)
+        if full.state:
+            managed.spawner.load_state(full.state)
+        if os.path.isdir(self._cert_dir(full)):
+            managed.spawner.internal_ssl = True
+        self.active[full.key] = managed
+        self.log.debug("%s - spawner restored from the database", managed.log_name)
+        return managed
+
+    async def poll(self, hub, name, start_id, collect_logs=False):
+        """``{"status": None}`` while running, the exit status when ended"""
+        record = await self.db.get_server(hub, name, start_id)
+        if record is None:
+            self.active.pop((hub, name, start_id), None)
+            raise ServerNotFoundError()
+        if record.stop_pending:
+            return {"status": 0}
+        if record.start_pending:
+            return {"status": None}
+        managed = await self._managed(record)
+        try:
+            status = await maybe_future(managed.spawner.poll())
+        except Exception as e:
+            self.log.error("%s - poll failed: %s", managed.log_name, _describe(e))
+            raise StatusUnknownError(f"The server's status cannot be determined: {_describe(e)}")
+        model = {"status": status}
+        if collect_logs:
+            model["logs"] = await self._logs(managed)
+        return model
+
+    async def _logs(self, managed):
+        get_logs = getattr(managed.spawner, "get_logs", None)
+        if not callable(get_logs):
+            return []
+        try:
+            logs = await maybe_future(get_logs())
+            return [str(line) for line in logs or []]
+        except Exception as e:
+            self.log.warning("%s - could not collect logs: %s", managed.log_name, _describe(e))
+            return []
+
+    # stop
+
+    async def stop(self, hub, name, start_id, collect_logs=False, run_async=False):
+        """Stop a server and forget it; return ``{"logs": [...]}``"""
+        record = await self.db.get_server(hub, name, start_id)
+        if record is None:
+            raise ServerNotFoundError()
+        task = self._stopping.get(record.key)
+        if task is None:
+            task = asyncio.create_task(self._run_stop(record, collect_logs))
+            self._stopping[record.key] = task
+            task.add_done_callback(lambda t: self._stopping.pop(record.key, None))
+            self._keep(task)
+        if run_async:
+            return {}
+        return {"logs": await asyncio.shield(task)}
+
+    async def _run_stop(self, record, collect_logs):
+        managed = self.active.get(record.key)
+        if managed is not None and managed.starting:
+            managed.start_task.cancel()
+            await asyncio.wait([managed.start_task])
+            return []
+        if record.start_pending:
+            # started by another process, or interrupted by a restart
+            raise ServerBusyError("The server is still starting; try again later")
+        await self.db.claim_stop(record.id)
+        managed = await self._managed(record)
+        logs = await self._logs(managed) if collect_logs else []
+        try:
+            await maybe_future(managed.spawner.stop())
+        except Exception as e:
+            self.log.error("%s - stop failed: %s", managed.log_name, _describe(e))
+            raise StopFailedError(f"The server could not be stopped: {_describe(e)}") from e
+        await maybe_future(managed.spawner.run_post_stop_hook())
+        managed.spawner.clear_state()
+        await self._forget(managed)
+        self.log.info("%s - stopped", managed.log_name)
+        return logs
+
+    # listing and housekeeping
+
+    async def list(self, hub):
+        """This hub's servers as listing models (no secrets)"""
+        return [_list_model(r) for r in await self.db.list_servers(hub)]
+
+    async def cleanup_interrupted(self, min_age):
+        """Finish what a crash left behind.
+
+        Starts pending for longer than ``min_age`` seconds (their process died
+        mid-start) are stopped and forgotten; stops pending that long are
+        completed. Younger ones may belong to another live process.
+        """
+        now = time.time()
+        for record in await self.db.list_servers(pending_only=True):
+            age = now - record.last_update.timestamp()
+            if age < min_age or record.key in self.active:
+                continue
+            self.log.warning("%s/%s/%s - finishing an interrupted %s", *record.key,
+                             "start" if record.start_pending else "stop")  # fmt: skip
+            try:
+                managed = await self._managed(record)
+                if record.start_pending:
+                    await self._discard_failed_start(managed)
+                else:
+                    await self._run_stop(record, False)
+            except Exception as e:
+                self.log.error("%s/%s/%s - cleanup failed: %s", *record.key, _describe(e))
+
+    async def shutdown(self, timeout=10):
+        """Cancel starts in flight and wait for stops; running servers keep running"""
+        for managed in list(self.active.values()):
+            if managed.starting:
+                managed.start_task.cancel()
+        pending = [t for t in self._background if not t.done()]
+        pending += [m.start_task for m in self.active.values() if m.start_task and not m.start_task.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+
+
+def _merge_env(spawner, hub_env):
+    """Make ``spawner.get_env()`` return the spawner's env updated with the hub's.
+
+    Keys that describe the Outpost side (bind URL, certificate paths) keep
+    the spawner's values.
+    """
+    own_get_env = spawner.get_env
+
+    def get_env():
+        own = own_get_env()
+        env = dict(own)
+        env.update(hub_env)
+        for key in OUTPOST_SIDE_ENV:
+            if key in own:
+                env[key] = own[key]
+            else:
+                env.pop(key, None)
+        return env
+
+    spawner.get_env = get_env
+
+
+def _write_cert_files(directory, certs, trust_bundles):
+    """Write PEM texts to a private directory; return (cert paths, bundle paths)"""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    os.chmod(directory, 0o700)
+
+    def write(filename, text):
+        path = os.path.join(directory, filename)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return path
+
+    paths = {key: write(f"{key}.pem", certs[key]) for key in ("keyfile", "certfile", "cafile") if certs.get(key)}
+    bundles = {name: write(f"{name}.crt", text) for name, text in trust_bundles.items()}
+    if "cafile" not in paths and "notebooks-ca" in bundles:
+        paths["cafile"] = bundles["notebooks-ca"]
+    return paths, bundles
+
+
+def _class_name(cls):
+    return f"{cls.__module__}.{cls.__name__}"
+
+
+def _int(value):
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _describe(e):
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _failed_event(e):
+    reason = _describe(getattr(e, "original", e))
+    return {
+        "progress": 100,
+        "failed": True,
+        "message": f"Outpost: start failed: {reason}",
+        "html_message": f"<details><summary>Outpost: start failed</summary>{html.escape(reason)}</details>",
+    }
+
+
+def _list_model(record):
+    return {
+        "name": record.name,
+        "start_id": record.start_id,
+        "user": record.user_name,
+        "flavor": record.flavor,
+        "start_date": isoformat(record.started),
+        "last_update": isoformat(record.last_update),
+        "start_pending": record.start_pending,
+        "stop_pending": record.stop_pending,
+    }

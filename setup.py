@@ -1,0 +1,57 @@
+"""Installation of jupyterhub-outpost."""
+
+import os
+
+from setuptools import find_packages, setup
+
+here = os.path.abspath(os.path.dirname(__file__))
+version_ns = {}
+with open(os.path.join(here, "jupyterhub_outpost", "_version.py")) as f:
+    exec(f.read(), {}, version_ns)
+
+with open(os.path.join(here, "README.md"), encoding="utf8") as f:
+    long_description = f.read()
+
+setup(
+    name="jupyterhub-outpost",
+    version=version_ns["__version__"],
+    description="Start JupyterHub single-user servers on systems the hub cannot reach, "
+    "with any JupyterHub Spawner, for one or several hubs.",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    license="BSD-3-Clause",
+    packages=find_packages(include=["jupyterhub_outpost", "jupyterhub_outpost.*"]),
+    package_data={
+        "jupyterhub_outpost": [
+            "alembic.ini",
+            "alembic/*.py",
+            "alembic/*.mako",
+            "alembic/versions/*.py",
+        ]
+    },
+    data_files=[
+        ("share/jupyterhub-outpost", ["outpost_config.py"]),
+    ],
+    python_requires=">=3.9",
+    install_requires=[
+        "jupyterhub>=5",
+        "tornado>=6.1",
+        "traitlets>=5.9",
+        "sqlalchemy>=2.0",
+        "alembic>=1.10",
+        "cryptography>=41",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-asyncio>=0.23",
+            "pytest-timeout",
+            "jupyter_server>=2",
+            "requests",
+        ],
+        "postgres": ["psycopg[binary]>=3.1"],
+    },
+    entry_points={
+        "console_scripts": ["jupyterhub-outpost = jupyterhub_outpost.app:main"],
+    },
+)
