@@ -14,6 +14,7 @@ from jupyterhub.utils import maybe_future
 from tornado import web
 from tornado.httpserver import HTTPServer
 from tornado.log import LogFormatter, access_log
+from tornado.netutil import bind_sockets
 from traitlets import (
     Bool,
     Callable,
@@ -304,6 +305,7 @@ class JupyterHubOutpost(Application):
     hub_client = None
     server_manager = None
     http_server = None
+    bound_port = None
 
     @property
     def certs_dir(self):
@@ -341,7 +343,7 @@ class JupyterHubOutpost(Application):
             logger.parent = self.log
             logger.setLevel(self.log.level)
         access_log.setLevel(self.log.level)
-        install_scrubber(self.log)
+        install_scrubber()
 
     @default("log_format")
     def _log_format_default(self):
@@ -427,28 +429,34 @@ class JupyterHubOutpost(Application):
 
     # running
 
-    async def start_async(self):
+    async def start(self):
+        """Listen and begin background work; returns once the port is open"""
+        self.http_server = HTTPServer(
+            self.tornado_application, max_body_size=4 * self.max_body_size + 65536
+        )
+        sockets = bind_sockets(self.port, address=self.ip or None)
+        self.http_server.add_sockets(sockets)
+        self.bound_port = sockets[0].getsockname()[1]
+        self.log.info(
+            "jupyterhub-outpost %s listening on http://%s:%i%s",
+            __version__, self.ip or "*", self.bound_port, self.base_url,
+        )  # fmt: skip
+        self._stopped = asyncio.Event()
+        self._cleanup_task = asyncio.create_task(self._cleanup_loop())
+
+    async def launch(self):
+        """Run until SIGTERM or SIGINT (the console script's main loop)"""
         if self.subapp:
             self.subapp.start()
             return
         if self.generate_config:
             self.write_config_file()
             return
-        self.http_server = HTTPServer(
-            self.tornado_application, max_body_size=4 * self.max_body_size + 65536
-        )
-        self.http_server.listen(self.port, address=self.ip or None)
-        self.log.info(
-            "jupyterhub-outpost %s listening on http://%s:%i%s",
-            __version__, self.ip or "*", self.port, self.base_url,
-        )  # fmt: skip
-        self._stopped = asyncio.Event()
+        await self.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopped.set)
-        cleanup = asyncio.create_task(self._cleanup_loop())
         await self._stopped.wait()
-        cleanup.cancel()
         await self.shutdown()
 
     async def _cleanup_loop(self):
@@ -459,6 +467,7 @@ class JupyterHubOutpost(Application):
     async def shutdown(self):
         """Stop listening, cancel starts in flight; running servers keep running"""
         self.log.info("Shutting down; running servers keep running")
+        self._cleanup_task.cancel()
         if self.http_server is not None:
             self.http_server.stop()
         await self.server_manager.shutdown()
@@ -474,7 +483,7 @@ class JupyterHubOutpost(Application):
 
         async def launch():
             self.initialize(argv)
-            await self.start_async()
+            await self.launch()
 
         asyncio.run(launch())
 

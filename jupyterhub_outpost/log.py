@@ -75,33 +75,42 @@ class SecretRegistry:
 secrets = SecretRegistry()
 
 
-class ScrubSecretsFilter(logging.Filter):
-    """Rewrite each record so that no registered or recognisable secret remains."""
-
-    def filter(self, record):
-        try:
-            message = record.getMessage()
-        except Exception:
-            message = str(record.msg)
-        if record.exc_info and not record.exc_text:
-            record.exc_text = "".join(traceback.format_exception(*record.exc_info))
-        record.msg = secrets.scrub(message)
-        record.args = ()
-        if record.exc_text:
-            record.exc_text = secrets.scrub(record.exc_text)
-        return True
+def scrub_record(record):
+    """Format a log record's message now and remove secrets from it"""
+    try:
+        message = record.getMessage()
+    except Exception:
+        message = str(record.msg)
+    if record.exc_info and not record.exc_text:
+        record.exc_text = "".join(traceback.format_exception(*record.exc_info))
+    record.msg = secrets.scrub(message)
+    record.args = ()
+    if record.exc_text:
+        record.exc_text = secrets.scrub(record.exc_text)
+    return record
 
 
-def install_scrubber(*loggers):
-    """Attach the secret filter to the handlers of the given loggers and root."""
-    scrubber = ScrubSecretsFilter()
-    seen = set()
-    for logger in (logging.getLogger(), *loggers):
-        for handler in logger.handlers:
-            if id(handler) not in seen:
-                seen.add(id(handler))
-                if not any(isinstance(f, ScrubSecretsFilter) for f in handler.filters):
-                    handler.addFilter(scrubber)
+_scrubbing_factory_installed = False
+
+
+def install_scrubber():
+    """Scrub every log record this process creates, whatever handler emits it.
+
+    The record factory is wrapped rather than a handler filter added, so that
+    spawner loggers, library loggers and handlers added later are covered too.
+    Records are only created for enabled levels, so disabled debug logging
+    costs nothing.
+    """
+    global _scrubbing_factory_installed
+    if _scrubbing_factory_installed:
+        return
+    make_record = logging.getLogRecordFactory()
+
+    def scrubbing_factory(*args, **kwargs):
+        return scrub_record(make_record(*args, **kwargs))
+
+    logging.setLogRecordFactory(scrubbing_factory)
+    _scrubbing_factory_installed = True
 
 
 def scrub_url(url):

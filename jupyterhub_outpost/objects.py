@@ -74,7 +74,9 @@ class OutpostORMSpawner:
         self.state = None
         self.started = None
         self.last_activity = None
-        self.server = hub_orm.Server(ip=ip, port=port, base_url=service_prefix or "/")
+        self.server = hub_orm.Server(
+            proto="http", ip=ip, port=port, base_url=service_prefix or "/", cookie_name=""
+        )
 
 
 class OutpostDB:

@@ -1,0 +1,88 @@
+"""Fakes for what cannot run in the test process: a hub's API.
+
+``FakeHubAPI`` is a small Tornado app that records what the Outpost posts
+to a hub (progress events, flavor usage) and checks the token it was given.
+"""
+
+import json
+
+from tornado import web
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+
+class _RecordingHandler(web.RequestHandler):
+    def initialize(self, fake, kind):
+        self.fake = fake
+        self.kind = kind
+
+    def check_xsrf_cookie(self):
+        pass
+
+    def post(self, *args):
+        auth = self.request.headers.get("Authorization", "")
+        token = auth[len("token ") :] if auth.startswith("token ") else None
+        if token not in self.fake.tokens:
+            self.set_status(403)
+            self.fake.rejected.append((self.kind, self.request.path))
+            return
+        body = json.loads(self.request.body or b"{}")
+        self.fake.received.append(
+            {"kind": self.kind, "path": self.request.path, "token": token, "body": body}
+        )
+        self.set_status(204)
+
+
+class _VersionHandler(web.RequestHandler):
+    """``GET /hub/api``: what jupyterhub-singleuser checks at startup"""
+
+    def get(self):
+        import jupyterhub
+
+        self.set_header("X-JupyterHub-Version", jupyterhub.__version__)
+        self.write({"version": jupyterhub.__version__})
+
+
+class FakeHubAPI:
+    """Stand-in for the hub endpoints the Outpost calls.
+
+    ``url`` is the hub API root (like ``JUPYTERHUB_API_URL``); ``received``
+    lists every accepted call with its kind (``event`` or ``flavors``).
+    """
+
+    def __init__(self):
+        self.received = []
+        self.rejected = []
+        self.tokens = set()
+        self.app = web.Application(
+            [
+                (r"/hub/api/?", _VersionHandler),
+                (r"/hub/api/users/progress/events/(.*)", _RecordingHandler, {"fake": self, "kind": "event"}),
+                (r"/hub/api/outpostflavors/(.*)", _RecordingHandler, {"fake": self, "kind": "flavors"}),
+                (r"/hub/api/users/setuptunnel/(.*)", _RecordingHandler, {"fake": self, "kind": "setuptunnel"}),
+            ]
+        )
+        self.server = None
+        self.port = None
+
+    def start(self):
+        sockets = bind_sockets(0, "127.0.0.1")
+        self.port = sockets[0].getsockname()[1]
+        self.server = HTTPServer(self.app)
+        self.server.add_sockets(sockets)
+
+    def stop(self):
+        if self.server:
+            self.server.stop()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}/hub/api"
+
+    def calls(self, kind, user=None, server=None):
+        """Recorded calls of one kind, optionally for one user/server path"""
+        result = [c for c in self.received if c["kind"] == kind]
+        if user is not None:
+            suffix = f"/{user}/{server}" if server else f"/{user}"
+            result = [c for c in result if c["path"].endswith(suffix)]
+        return result

@@ -1,0 +1,169 @@
+"""Helpers for the tests: real HTTP requests to a running Outpost."""
+
+import base64
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+from jupyterhub_outpost.utils import wait_until  # noqa: F401
+
+HUB_CREDENTIALS = {"hub-a": "password-of-hub-a", "hub-b": "password-of-hub-b"}
+
+
+def basic_auth(hub, password=None):
+    password = HUB_CREDENTIALS.get(hub, "") if password is None else password
+    return "Basic " + base64.b64encode(f"{hub}:{password}".encode()).decode()
+
+
+def base_url_of(app):
+    return f"http://127.0.0.1:{app.bound_port}{app.base_url}"
+
+
+async def api_request(app, *path, method="GET", hub="hub-a", body=None, headers=None,
+                      password=None, auth=True, raw_body=None, timeout=60):
+    """Send a real HTTP request to the Outpost; return the response (never raises)"""
+    url = base_url_of(app) + "/".join(str(p) for p in path)
+    all_headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    if auth:
+        all_headers["Authorization"] = basic_auth(hub, password)
+    all_headers.update(headers or {})
+    if raw_body is None and body is not None:
+        raw_body = json.dumps(body)
+    if raw_body is None and method in ("POST", "PUT", "PATCH"):
+        raw_body = ""
+    request = HTTPRequest(
+        url, method=method, headers=all_headers, body=raw_body,
+        allow_nonstandard_methods=True, request_timeout=timeout,
+    )
+    return await AsyncHTTPClient().fetch(request, raise_error=False)
+
+
+def json_of(response):
+    return json.loads(response.body or b"null")
+
+
+def start_body(hub_api_url, user="alice", user_id=1, name="", start_id=None, misc=None,
+               user_options=None, flavors_update=True):
+    """A start request shaped like the one OutpostSpawner sends"""
+    start_id = start_id or uuid.uuid4().hex
+    token = secrets.token_hex(16)
+    prefix = f"/user/{user}/{name}/" if name else f"/user/{user}/"
+    server_part = f"/{name}" if name else ""
+    env = {
+        "JUPYTERHUB_API_TOKEN": token,
+        "JPY_API_TOKEN": token,
+        "JUPYTERHUB_CLIENT_ID": f"jupyterhub-user-{user}{'-' + name if name else ''}",
+        "JUPYTERHUB_API_URL": hub_api_url,
+        "JUPYTERHUB_BASE_URL": "/",
+        "JUPYTERHUB_USER": user,
+        "JUPYTERHUB_USER_ID": str(user_id),
+        "JUPYTERHUB_SERVER_NAME": name,
+        "JUPYTERHUB_SERVICE_PREFIX": prefix,
+        "JUPYTERHUB_ACTIVITY_URL": f"{hub_api_url}/users/{user}/activity",
+        "JUPYTERHUB_EVENTS_URL": f"{hub_api_url}/users/progress/events/{user}{server_part}",
+        "JUPYTERHUB_SETUPTUNNEL_URL": f"{hub_api_url}/users/setuptunnel/{user}{server_part}",
+        "JUPYTERHUB_SERVICE_URL": f"http://0.0.0.0:8888{prefix}",
+    }
+    if flavors_update:
+        env["JUPYTERHUB_FLAVORS_UPDATE_URL"] = f"{hub_api_url}/outpostflavors/outpost-test"
+        env["JUPYTERHUB_FLAVORS_UPDATE_TOKEN"] = secrets.token_hex(16)
+    options = {"start_id": start_id}
+    options.update(user_options or {})
+    return {
+        "name": name,
+        "env": env,
+        "user_options": options,
+        "misc": misc or {},
+        "certs": {},
+        "internal_trust_bundles": {},
+    }
+
+
+def tokens_of(body):
+    env = body["env"]
+    return {env["JUPYTERHUB_API_TOKEN"], env.get("JUPYTERHUB_FLAVORS_UPDATE_TOKEN")} - {None}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie is not alive
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_for_port(port, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout}s")
+
+
+class OutpostProcess:
+    """A real ``jupyterhub-outpost`` process (console script) for CLI and crash tests"""
+
+    def __init__(self, workdir, config_text, hub_credentials=None, extra_env=None):
+        self.workdir = str(workdir)
+        self.port = free_port()
+        self.config_path = os.path.join(self.workdir, "outpost_config.py")
+        with open(self.config_path, "w") as f:
+            f.write(config_text)
+        self.env = dict(os.environ)
+        self.env["OUTPOST_HUB_CREDENTIALS"] = json.dumps(hub_credentials or HUB_CREDENTIALS)
+        self.env.update(extra_env or {})
+        self.proc = None
+        self.log_path = os.path.join(self.workdir, "outpost.log")
+
+    def start(self, *args):
+        self.log_file = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyterhub_outpost", "-f", self.config_path,
+             "--ip", "127.0.0.1", "--port", str(self.port), *args],
+            cwd=self.workdir, env=self.env, stdout=self.log_file, stderr=subprocess.STDOUT,
+        )
+        wait_for_port(self.port)
+
+    def kill9(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.log_file.close()
+
+    def terminate(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+        self.log_file.close()
+
+    @property
+    def bound_port(self):
+        return self.port
+
+    base_url = "/"
+
+    def log_text(self):
+        with open(self.log_path, encoding="utf8", errors="replace") as f:
+            return f.read()
