@@ -88,7 +88,8 @@ def start_failure_body(e):
     return {
         "module": cls.__module__,
         "class": cls.__name__,
-        "args": [_safe(a) for a in (original.args or (str(original),))],
+        # str() of the exception says most (an OSError's args lack the file name)
+        "args": [_safe(str(original) or cls.__name__)],
         "kwargs": {},
         "traceback": secrets.scrub(
             "".join(traceback.format_exception(cls, original, original.__traceback__))

@@ -52,6 +52,11 @@ async def outpost(tmp_path_factory):
     process = OutpostProcess(workdir, OUTPOST_CONFIG.format(workdir=workdir))
     process.start("--log-level=DEBUG")
     yield process
+    # servers outlive the Outpost by design: stop what a failed test left
+    for hub_name in ("hub-a", "hub-b"):
+        for server in await outpost_listing(process, hub_name):
+            await api_request(process, "services", server["name"], server["start_id"],
+                              hub=hub_name, method="DELETE")
     process.terminate()
 
 
@@ -115,6 +120,7 @@ async def stop_server(hub, user, server):
 async def test_concurrent_starts_are_ready_and_usable(hub, outpost):
     users = ["ada", "bob", "cyd"]
     await create_users(hub, *users)
+    updates = flavor_updates(hub)
     results = await asyncio.gather(*(start_server(hub, u, "lab") for u in users))
     assert all(code in (201, 202) for code, _ in results), results
     progress = [asyncio.ensure_future(hub.progress(u, "lab")) for u in users]
@@ -132,6 +138,8 @@ async def test_concurrent_starts_are_ready_and_usable(hub, outpost):
         assert me.code == 200 and b'"' + user.encode() + b'"' in me.body
     listing = await outpost_listing(outpost)
     assert sorted(s["user"] for s in listing if s["name"] == "lab") == users
+    # the Outpost reported its flavor usage after each start
+    await wait_until(lambda: flavor_updates(hub) >= updates + 3, timeout=20, message="usage")
 
     # several of the hub's polls (every 2 s) later the servers still run
     hub_log_before = hub.log_text().count("Communicated poll with Outpost")
@@ -142,6 +150,186 @@ async def test_concurrent_starts_are_ready_and_usable(hub, outpost):
     for user in users:
         assert (await server_model(hub, user, "lab"))["ready"]
 
+    updates = flavor_updates(hub)
     for user in users:
         await stop_server(hub, user, "lab")
     assert [s for s in await outpost_listing(outpost) if s["name"] == "lab"] == []
+    for user in users:
+        await wait_until(lambda: singleuser_pids(user, hub) == [], timeout=30, message="exit")
+    await wait_until(lambda: flavor_updates(hub) >= updates + 3, timeout=20, message="usage")
+
+
+def singleuser_pids(user, hub=None):
+    """pids of running jupyterhub-singleuser processes of ``user`` (at ``hub``)"""
+    import os
+
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat") as f:
+                zombie = f.read().split(") ", 1)[1][0] == "Z"
+        except OSError:
+            continue
+        if b"jupyterhub-singleuser" not in cmdline or zombie:
+            continue
+        if f"JUPYTERHUB_USER={user}".encode() not in environ:
+            continue
+        if hub is not None and f"JUPYTERHUB_API_URL={hub.api_url}".encode() not in environ:
+            continue
+        pids.append(int(entry))
+    return pids
+
+
+def flavor_updates(hub):
+    return hub.log_text().count("POST /hub/api/outpostflavors/outpost-e2e")
+
+
+async def last_event_text(events):
+    return " ".join(f"{e.get('message', '')} {e.get('html_message', '')}" for e in events)
+
+
+async def test_failed_start_names_the_cause_and_leaves_nothing(hub, outpost):
+    await create_users(hub, "dan")
+    updates = flavor_updates(hub)
+    code, _ = await start_server(hub, "dan", "broken", {"misc": {"cmd": ["/nonexistent/singleuser"]}})
+    assert code in (201, 202)
+    events = await hub.progress("dan", "broken")
+    assert events and events[-1].get("failed") is True, events
+    assert "/nonexistent/singleuser" in await last_event_text(events), events
+    await wait_gone(hub, "dan", "broken")
+    assert [s for s in await outpost_listing(outpost) if s["name"] == "broken"] == []
+    await wait_until(lambda: flavor_updates(hub) > updates, timeout=20, message="flavor update")
+
+
+async def test_refused_override_is_shown_to_the_user(hub, outpost):
+    await create_users(hub, "eve")
+    code, _ = await start_server(hub, "eve", "big", {"misc": {"mem_limit": "64G"}})
+    assert code in (201, 202)
+    events = await hub.progress("eve", "big")
+    assert events and events[-1].get("failed") is True, events
+    text = await last_event_text(events)
+    assert "refused" in text and "mem_limit" in text, events
+    await wait_gone(hub, "eve", "big")
+    assert [s for s in await outpost_listing(outpost) if s["name"] == "big"] == []
+    assert singleuser_pids("eve", hub) == []
+
+
+async def test_hub_restart_keeps_servers(hub, outpost):
+    await create_users(hub, "fay")
+    await start_server(hub, "fay", "lab")
+    await wait_ready(hub, "fay", "lab")
+    pids = singleuser_pids("fay", hub)
+    assert len(pids) == 1
+
+    hub.stop()
+    hub.start()
+    await wait_ready(hub, "fay", "lab", timeout=60)
+    token = await hub.user_token("fay")
+    response = await hub.proxied("/user/fay/lab/api/status", token)
+    assert response.code == 200, response.body
+    assert singleuser_pids("fay", hub) == pids
+    await stop_server(hub, "fay", "lab")
+    await wait_until(lambda: singleuser_pids("fay", hub) == [], timeout=30, message="process ended")
+
+
+async def test_outpost_crash_keeps_servers_pollable_and_stoppable(hub, outpost):
+    await create_users(hub, "gus")
+    await start_server(hub, "gus", "lab")
+    await wait_ready(hub, "gus", "lab")
+    pids = singleuser_pids("gus", hub)
+    assert len(pids) == 1
+
+    outpost.kill9()
+    outpost.start("--log-level=DEBUG")
+    # the hub keeps polling (every 2 s) and keeps the server
+    polls = hub.log_text().count("Communicated poll with Outpost")
+    await wait_until(
+        lambda: hub.log_text().count("Communicated poll with Outpost") >= polls + 3,
+        timeout=30, message="hub polls after the restart",
+    )
+    assert (await server_model(hub, "gus", "lab"))["ready"]
+    token = await hub.user_token("gus")
+    assert (await hub.proxied("/user/gus/lab/api/status", token)).code == 200
+
+    await stop_server(hub, "gus", "lab")
+    await wait_until(lambda: singleuser_pids("gus", hub) == [], timeout=30, message="process ended")
+    assert await outpost_listing(outpost) == []
+
+
+async def test_server_ended_at_the_outpost_is_noticed_by_the_hub(hub, outpost):
+    await create_users(hub, "hal")
+    await start_server(hub, "hal", "lab")
+    await wait_ready(hub, "hal", "lab")
+    (record,) = [s for s in await outpost_listing(outpost) if s["user"] == "hal"]
+    response = await api_request(outpost, "services", "lab", record["start_id"], method="DELETE")
+    assert response.code == 200
+    await wait_gone(hub, "hal", "lab", timeout=30)
+    assert singleuser_pids("hal", hub) == []
+
+
+ASYNC_HUB_EXTRA = """
+# start in the background at the Outpost; the hub then finds the server at
+# the port it chose itself, on the loopback interface
+c.OutpostSpawner.custom_misc = lambda spawner, user_options: {"port": spawner.port}
+c.OutpostSpawner.update_expected_path = lambda spawner, url: f"http://127.0.0.1:{spawner.port}"
+"""
+
+
+@pytest.fixture(scope="module")
+async def async_hub(tmp_path_factory, outpost):
+    """A second hub, with its own credentials, starting and stopping asynchronously"""
+    workdir = tmp_path_factory.mktemp("e2e-hub-b")
+    process = JupyterHubProcess(
+        workdir, outpost_url(outpost), "hub-b", HUB_CREDENTIALS["hub-b"],
+        start_async=True, stop_async=True,
+    )
+    with open(process.config_path, "a") as f:
+        f.write(ASYNC_HUB_EXTRA)
+    process.start()
+    yield process
+    process.stop()
+    process.kill_proxy()
+
+
+async def test_two_hubs_async_and_isolated(hub, async_hub, outpost):
+    await create_users(hub, "ida")
+    await create_users(async_hub, "ida")
+    await start_server(hub, "ida", "lab")
+    code, _ = await start_server(async_hub, "ida", "lab")
+    assert code in (201, 202)
+    events = await async_hub.progress("ida", "lab")
+    assert events and events[-1].get("ready") is True, events
+    await wait_ready(hub, "ida", "lab")
+    await wait_ready(async_hub, "ida", "lab")
+    for each in (hub, async_hub):
+        token = await each.user_token("ida")
+        assert (await each.proxied("/user/ida/lab/api/status", token)).code == 200
+
+    listing_a = await outpost_listing(outpost, "hub-a")
+    listing_b = await outpost_listing(outpost, "hub-b")
+    assert [s["user"] for s in listing_a] == ["ida"]
+    assert [s["user"] for s in listing_b] == ["ida"]
+    assert listing_a[0]["start_id"] != listing_b[0]["start_id"]
+    # hub-b cannot see or stop hub-a's server
+    response = await api_request(outpost, "services", "lab", listing_a[0]["start_id"], hub="hub-b")
+    assert response.code == 404
+    response = await api_request(
+        outpost, "services", "lab", listing_a[0]["start_id"], hub="hub-b", method="DELETE"
+    )
+    assert response.code == 404
+    assert len(singleuser_pids("ida", hub)) == 1
+    assert len(singleuser_pids("ida", async_hub)) == 1
+
+    await stop_server(async_hub, "ida", "lab")
+    await wait_until(lambda: singleuser_pids("ida", async_hub) == [], timeout=30, message="b's server ended")
+    assert len(singleuser_pids("ida", hub)) == 1
+    assert await outpost_listing(outpost, "hub-b") == []
+    assert (await server_model(hub, "ida", "lab"))["ready"]
+    await stop_server(hub, "ida", "lab")
+    await wait_until(lambda: singleuser_pids("ida", hub) == [], timeout=30, message="a's server ended")
