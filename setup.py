@@ -24,6 +24,7 @@ setup(
     package_data={
         "jupyterhub_outpost": [
             "alembic.ini",
+            "openapi.yaml",
             "alembic/*.py",
             "alembic/*.mako",
             "alembic/versions/*.py",
@@ -40,6 +41,7 @@ setup(
         "sqlalchemy>=2.0",
         "alembic>=1.10",
         "cryptography>=41",
+        "pyyaml",
     ],
     extras_require={
         "test": [
@@ -48,6 +50,9 @@ setup(
             "pytest-timeout",
             "jupyter_server>=2",
             "requests",
+            "jsonschema",
+            "schemathesis>=4",
+            "jupyterhub-outpostspawner==2.2.13",
         ],
         "postgres": ["psycopg[binary]>=3.1"],
     },

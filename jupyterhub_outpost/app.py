@@ -33,6 +33,7 @@ from . import crypto, dbutil, orm
 from ._version import __version__
 from .handlers import default_handlers
 from .handlers.base import NotFoundAPIHandler
+from .handlers.spec import load_spec
 from .hubclient import HubClient
 from .log import install_scrubber, log_request, secrets
 from .servers import ServerManager
@@ -345,6 +346,11 @@ class JupyterHubOutpost(Application):
         access_log.setLevel(self.log.level)
         install_scrubber()
 
+    @default("log_level")
+    def _log_level_default(self):
+        # a service says where it listens and what it chose (as JupyterHub does)
+        return logging.INFO
+
     @default("log_format")
     def _log_format_default(self):
         return "%(color)s[%(levelname)1.1s %(asctime)s.%(msecs).03d %(name)s %(module)s:%(lineno)d]%(end_color)s %(message)s"
@@ -379,7 +385,11 @@ class JupyterHubOutpost(Application):
 
     def init_db(self):
         self.log.info("Database: %s", _safe_db_url(self.db_url))
-        dbutil.prepare_database(self.db_url, self.log)
+        try:
+            dbutil.prepare_database(self.db_url, self.log)
+        except dbutil.DatabaseSchemaMismatch as e:
+            self.log.critical("%s", e)
+            self.exit(1)
         self.db = orm.Database(self.db_url, self.crypt, workers=self.db_workers or None)
 
     def init_servers(self):
@@ -396,6 +406,7 @@ class JupyterHubOutpost(Application):
             outpost=self,
             server_manager=self.server_manager,
             log=self.log,
+            openapi=load_spec(),
         )
 
     @catch_config_error
