@@ -1,7 +1,7 @@
 """Schema management: create, check and upgrade the database with alembic."""
 
 import os
-import shutil
+import sqlite3
 from contextlib import contextmanager
 from datetime import datetime
 from tempfile import TemporaryDirectory
@@ -10,6 +10,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import inspect
 
 from . import orm
@@ -44,6 +45,15 @@ def head_revision():
         return ScriptDirectory.from_config(cfg).get_current_head()
 
 
+def known_revision(revision):
+    """True if ``revision`` is one of this version's migrations"""
+    with alembic_config("sqlite://") as cfg:
+        try:
+            return ScriptDirectory.from_config(cfg).get_revision(revision) is not None
+        except CommandError:
+            return False
+
+
 def current_revision(engine):
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
@@ -64,7 +74,17 @@ def backup_sqlite(db_url, log):
     stamp = datetime.now().strftime("%Y-%m-%d-%H%M%S")
     backup = f"{path}.{stamp}.bak"
     log.info("Backing up %s to %s before the upgrade", path, backup)
-    shutil.copy(path, backup)
+    # sqlite's backup API, not a file copy: in WAL mode the newest
+    # transactions may still be in the -wal file (after a crash, say)
+    source = sqlite3.connect(path)
+    try:
+        target = sqlite3.connect(backup)
+        try:
+            source.backup(target)
+        finally:
+            target.close()
+    finally:
+        source.close()
     return backup
 
 
@@ -99,6 +119,12 @@ def prepare_database(db_url, log, auto_upgrade=None):
             raise DatabaseSchemaMismatch(
                 "The database has tables but no schema revision: "
                 "it was not created by jupyterhub-outpost."
+            )
+        if not known_revision(current):
+            raise DatabaseSchemaMismatch(
+                f"The database schema is at revision {current}, which this version "
+                f"does not know (it needs {head}): the database was written by a "
+                "newer jupyterhub-outpost or by another application."
             )
         if not auto_upgrade:
             raise DatabaseSchemaMismatch(

@@ -144,8 +144,24 @@ class OutpostProcess:
             [sys.executable, "-m", "jupyterhub_outpost", "-f", self.config_path,
              "--ip", "127.0.0.1", "--port", str(self.port), *args],
             cwd=self.workdir, env=self.env, stdout=self.log_file, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,  # no tty: jupyter-server would ask before stopping on SIGINT
         )
-        wait_for_port(self.port)
+        self.wait_listening()
+
+    def wait_listening(self, timeout=30):
+        """Wait until the port accepts connections; fail at once if the process ended"""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"jupyterhub-outpost exited with {self.proc.returncode}:\n"
+                    + self.log_text()[-3000:]
+                )
+            try:
+                return wait_for_port(self.port, timeout=0.25)
+            except TimeoutError:
+                pass
+        raise TimeoutError(f"jupyterhub-outpost does not listen on {self.port} after {timeout}s")
 
     def kill9(self):
         self.proc.send_signal(signal.SIGKILL)
@@ -167,3 +183,20 @@ class OutpostProcess:
     def log_text(self):
         with open(self.log_path, encoding="utf8", errors="replace") as f:
             return f.read()
+
+
+def pids_with_env(key, value):
+    """Pids of live processes whose environment has ``key=value`` (Linux /proc)"""
+    needle = f"{key}={value}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        if needle in environ and pid_alive(int(entry)):
+            pids.append(int(entry))
+    return pids
