@@ -31,7 +31,14 @@ setup(
         ]
     },
     data_files=[
-        ("share/jupyterhub-outpost", ["outpost_config.py"]),
+        (
+            "share/jupyterhub-outpost",
+            ["outpost_config.py"]
+            + [
+                os.path.join("share", "jupyterhub-outpost", name)
+                for name in sorted(os.listdir(os.path.join(here, "share", "jupyterhub-outpost")))
+            ],
+        ),
     ],
     python_requires=">=3.9",
     install_requires=[

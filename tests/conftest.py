@@ -1,6 +1,8 @@
 """Fixtures: a real Outpost on a random loopback port, a fake hub API."""
 
+import ctypes
 import os
+import threading
 
 import pytest
 from cryptography.fernet import Fernet
@@ -10,6 +12,49 @@ from jupyterhub_outpost.app import JupyterHubOutpost
 
 from .mocking import FakeHubAPI
 from .utils import HUB_CREDENTIALS
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _reap_orphans(stop):
+    """Reap zombie children that are not ours to wait for (not Python processes)"""
+    me = str(os.getpid())
+    while not stop.wait(0.2):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(") ", 1)[1].split()
+                with open(f"/proc/{entry}/comm") as f:
+                    comm = f.read().strip()
+            except OSError:
+                continue
+            if fields[0] == "Z" and fields[1] == me and not comm.startswith("python"):
+                try:
+                    os.waitpid(int(entry), os.WNOHANG)
+                except ChildProcessError:
+                    pass
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _act_as_init():
+    """Reap single-user servers orphaned by a killed Outpost, as init does.
+
+    When an Outpost process is killed, its servers are re-parented. On a
+    normal host init (systemd) reaps them once they exit; the test machines'
+    PID 1 does not, and a zombie looks alive to LocalProcessSpawner.poll().
+    The test process becomes the subreaper of everything it starts and
+    reaps exited servers (never its own Popen children, which tests wait for).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    stop = threading.Event()
+    reaper = threading.Thread(target=_reap_orphans, args=(stop,), daemon=True)
+    reaper.start()
+    yield
+    stop.set()
 
 
 @pytest.fixture(scope="module")
