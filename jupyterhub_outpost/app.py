@@ -338,12 +338,17 @@ class JupyterHubOutpost(Application):
         )
         for handler in self.log.handlers:
             handler.setFormatter(formatter)
+        # traitlets keeps self.log at DEBUG and filters in the handlers. Give the
+        # loggers the lowest level a handler writes, so that records nobody
+        # writes (a debug access line per poll) are never built and scrubbed.
+        level = min((h.level for h in self.log.handlers), default=self.log_level) or logging.DEBUG
+        self.log.setLevel(level)
         for name in ("tornado", "alembic", "jupyterhub", "batchspawner", "kubespawner"):
             logger = logging.getLogger(name)
             logger.propagate = True
             logger.parent = self.log
-            logger.setLevel(self.log.level)
-        access_log.setLevel(self.log.level)
+            logger.setLevel(level)
+        access_log.setLevel(level)
         install_scrubber()
 
     @default("log_level")
