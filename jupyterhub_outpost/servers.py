@@ -23,6 +23,7 @@ from traitlets.config import LoggingConfigurable
 
 from . import orm
 from .errors import (
+    OutpostError,
     OverrideRefusedError,
     ServerBusyError,
     ServerNotFoundError,
@@ -224,7 +225,7 @@ class ServerManager(LoggingConfigurable):
     async def _run_start(self, managed, certs, trust_bundles, run_async):
         spawner = managed.spawner
         spawner._spawn_pending = True
-        forwarder = None
+        forwarder = start_future = None
         try:
             if self.app.events_enabled(managed.record.hub):
                 await self.hub_client.send_event(
@@ -260,6 +261,7 @@ class ServerManager(LoggingConfigurable):
             return service
         except asyncio.CancelledError:
             self.log.info("%s - start cancelled", managed.log_name)
+            await self._end_start_future(managed, start_future)
             await self._discard_failed_start(managed)
             raise
         except Exception as e:
@@ -267,12 +269,27 @@ class ServerManager(LoggingConfigurable):
             self.log.debug("%s - start failure", managed.log_name, exc_info=True)
             if run_async:
                 await self.hub_client.send_event(managed.env, _failed_event(e), managed.log_name)
+            await self._end_start_future(managed, start_future)
             await self._discard_failed_start(managed)
             raise StartFailedError(e) from e
         finally:
             spawner._spawn_pending = False
             if forwarder is not None and not forwarder.done():
                 forwarder.cancel()
+
+    async def _end_start_future(self, managed, start_future, timeout=10):
+        """Cancel a ``Spawner.start()`` still running and wait until it ended.
+
+        ``start()`` runs shielded from the start task; without this a
+        cancelled or timed-out start would go on (and launch a process)
+        after the stop that follows it.
+        """
+        if start_future is None or start_future.done():
+            return
+        start_future.cancel()
+        await asyncio.wait([start_future], timeout=timeout)
+        if not start_future.done():
+            self.log.warning("%s - Spawner.start() ignores cancellation", managed.log_name)
 
     async def _forward_progress(self, managed, start_future):
         try:
@@ -313,6 +330,16 @@ class ServerManager(LoggingConfigurable):
     def _keep(self, task):
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._retrieve_failure)
+
+    def _retrieve_failure(self, task):
+        """Collect a background task's exception, so that asyncio does not
+        log "Task exception was never retrieved"; ours are logged already."""
+        if task.cancelled():
+            return
+        e = task.exception()
+        if e is not None and not isinstance(e, OutpostError):
+            self.log.error("Background task failed: %s", _describe(e), exc_info=e)
 
     # certificates
 

@@ -1,14 +1,18 @@
-"""Fakes for what cannot run in the test process: a hub's API.
+"""Fakes for what cannot run in the test process: a hub's API; and a
+test-only Spawner whose start is slow.
 
 ``FakeHubAPI`` is a small Tornado app that records what the Outpost posts
 to a hub (progress events, flavor usage) and checks the token it was given.
 """
 
+import asyncio
 import json
 
+from jupyterhub.spawner import SimpleLocalProcessSpawner
 from tornado import web
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
+from traitlets import Bool, Float
 
 
 class _RecordingHandler(web.RequestHandler):
@@ -85,4 +89,27 @@ class FakeHubAPI:
         if user is not None:
             suffix = f"/{user}/{server}" if server else f"/{user}"
             result = [c for c in result if c["path"].endswith(suffix)]
+        return result
+
+
+class SlowStartSpawner(SimpleLocalProcessSpawner):
+    """A real SimpleLocalProcessSpawner whose ``start()`` takes its time.
+
+    It waits ``start_delay`` seconds before launching the process, or after
+    launching it with ``delay_after_launch``, so that tests can stop a server
+    while its start is still pending. Both traits may be set per start
+    through the start request's ``misc``.
+    """
+
+    start_delay = Float(30, help="Seconds start() waits.").tag(config=True)
+    delay_after_launch = Bool(
+        False, help="Wait after launching the process instead of before."
+    ).tag(config=True)
+
+    async def start(self):
+        if not self.delay_after_launch:
+            await asyncio.sleep(self.start_delay)
+            return await super().start()
+        result = await super().start()
+        await asyncio.sleep(self.start_delay)
         return result
