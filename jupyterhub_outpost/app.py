@@ -76,6 +76,10 @@ class UpgradeDB(Application):
     aliases = aliases
     flags = flags
 
+    @property
+    def classes(self):
+        return [JupyterHubOutpost]
+
     def start(self):
         outpost = JupyterHubOutpost(parent=self)
         outpost.load_config_file(outpost.config_file)
@@ -386,7 +390,11 @@ class JupyterHubOutpost(Application):
             keys = [key.decode()]
         for key in keys:
             secrets.add(key)
-        self.crypt = crypto.CryptKeeper(keys)
+        try:
+            self.crypt = crypto.CryptKeeper(keys)
+        except ValueError as e:
+            self.log.critical("Cannot use the keys of crypt_keys or %s (%s)", crypto.KEY_ENV, e)
+            self.exit(1)
 
     def init_db(self):
         self.log.info("Database: %s", _safe_db_url(self.db_url))

@@ -233,7 +233,10 @@ class ServerManager(LoggingConfigurable):
                     {"progress": 30, "message": f"Outpost: starting the server ({type(spawner).__name__})"},
                     managed.log_name,
                 )
-            await spawner._run_apply_user_options(spawner.user_options)
+            if spawner.apply_user_options is not None:
+                # as JupyterHub does, but only when configured: the protocol's
+                # own keys (start_id, flavor) are not the spawner's business
+                await spawner._run_apply_user_options(spawner.user_options)
             await maybe_future(spawner.run_pre_spawn_hook())
             if certs:
                 await self._install_certs(managed, certs, trust_bundles)

@@ -2,6 +2,7 @@
 
 import ctypes
 import os
+import subprocess
 import threading
 
 import pytest
@@ -84,6 +85,8 @@ def outpost_config(workdir, **overrides):
     cfg.Spawner.start_timeout = 60
     # the test machines run as root
     cfg.Spawner.args = ["--ServerApp.allow_root=True"]
+    # no terminal: a server would ask for confirmation on SIGINT
+    cfg.Spawner.popen_kwargs = {"stdin": subprocess.DEVNULL}
     cfg.HubClient.retries = 0
     cfg.HubClient.request_timeout = 5
     for key, value in overrides.items():
