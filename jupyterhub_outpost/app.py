@@ -6,7 +6,10 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
+
+import yaml
 
 from jupyterhub.spawner import Spawner
 from jupyterhub.traitlets import EntryPointType
@@ -29,15 +32,16 @@ from traitlets import (
 )
 from traitlets.config import Application, catch_config_error
 
-from . import crypto, dbutil, orm
+from . import crypto, dbutil, flavors, orm
 from ._version import __version__
 from .handlers import default_handlers
 from .handlers.base import NotFoundAPIHandler
 from .handlers.spec import load_spec
+from .background import BackgroundWork
 from .hubclient import HubClient
 from .log import install_scrubber, log_request, secrets
 from .servers import ServerManager
-from .utils import url_path_join
+from .utils import url_path_join, utcnow
 
 HUB_CREDENTIALS_ENV = "OUTPOST_HUB_CREDENTIALS"
 HUB_CREDENTIALS_FILE_ENV = "OUTPOST_HUB_CREDENTIALS_FILE"
@@ -117,6 +121,14 @@ class JupyterHubOutpost(Application):
         from jupyterhub.spawner import LocalProcessSpawner, SimpleLocalProcessSpawner
 
         return [JupyterHubOutpost, HubClient, Spawner, LocalProcessSpawner, SimpleLocalProcessSpawner]
+
+    instance_name = Unicode(
+        help="""A name for this process in logs and leases (default: host name and pid).""",
+    ).tag(config=True)
+
+    @default("instance_name")
+    def _instance_name_default(self):
+        return f"{socket.gethostname()}-{os.getpid()}"
 
     config_file = Unicode(
         "outpost_config.py",
@@ -302,7 +314,149 @@ class JupyterHubOutpost(Application):
     ).tag(config=True)
 
     cleanup_interval = Float(
-        60, help="Seconds between checks for interrupted starts and stops."
+        15,
+        help="""Seconds between rounds of background work: stopping servers whose
+        runtime ended, runtime warnings, housekeeping, interrupted starts and stops.
+
+        With several processes on one database, one of them does this work (a
+        lease in the database decides which).
+        """,
+    ).tag(config=True)
+
+    flavors = Dict(
+        help="""Flavors: resource templates with limits, by name.
+
+        Each flavor is a dict with ``display_name``, ``description``,
+        ``weight`` (order in listings, highest first), ``max`` (servers of this
+        flavor at once, over all hubs and users; absent or -1: unlimited),
+        ``maxPerUser`` (per user of a hub), ``runtime`` (``{"days": 0,
+        "hours": 8, "minutes": 0}``: each server's lifetime) and
+        ``resources`` (what ``apply_flavor_hook`` sets on the Spawner).
+        Without flavors there are no limits and a start needs none. Example::
+
+            c.JupyterHubOutpost.flavors = {
+                "small": {"display_name": "2 GB, 1 CPU", "weight": 10, "max": 50,
+                          "maxPerUser": 2, "runtime": {"hours": 8},
+                          "resources": {"mem_limit": "2G", "cpu_limit": 1}},
+                "gpu": {"display_name": "1 GPU", "weight": 20, "max": 4,
+                        "runtime": {"hours": 2},
+                        "resources": {"req_gpus": "1"}},
+            }
+        """,
+    ).tag(config=True)
+
+    hubs = Union(
+        [Dict(), List()],
+        help="""Which flavors each hub may use.
+
+        Rules by hub name pattern (a regular expression, a glob or a literal,
+        tried in that order), each ``{"flavors": [...], "weight": N}``; of the
+        matching rules the highest weight applies. Without rules every hub may
+        use every flavor; with rules, a hub no rule matches may use none::
+
+            c.JupyterHubOutpost.hubs = {
+                "hub-a": {"flavors": ["small", "gpu"], "weight": 10},
+                "hub-*": {"flavors": ["small"], "weight": 1},
+            }
+        """,
+    ).tag(config=True)
+
+    users = Union(
+        [Dict(), List()],
+        help="""Per-user flavor rules, matched against the ``authentication``
+        object a hub sends with a start (``name``, ``groups``, ...).
+
+        Each rule (a dict of named rules, or a list) has ``authentication``:
+        field -> pattern (regular expression, glob, literal, or a list of
+        literals; a list-valued field such as ``groups`` matches if any element
+        does); optional ``hub`` (hub name pattern); ``negate_authentication``;
+        ``forbidden`` (the user may start nothing); ``flavors`` (allowed, within
+        the hub's); ``weight`` (the highest-weight matching rule applies)::
+
+            c.JupyterHubOutpost.users = {
+                "gpu-group": {"authentication": {"groups": "gpu-*"},
+                              "flavors": ["small", "gpu"], "weight": 20},
+                "banned": {"authentication": {"name": ["mallory"]},
+                           "forbidden": True, "weight": 100},
+            }
+        """,
+    ).tag(config=True)
+
+    global_max_per_user = Integer(
+        -1,
+        help="Servers one user of a hub may run at once, over all flavors (-1: unlimited).",
+    ).tag(config=True)
+
+    default_flavor = Unicode(
+        "",
+        help="""The flavor of a start that names none, when flavors are configured.
+        Empty (default): such a start is refused with the list of flavors.""",
+    ).tag(config=True)
+
+    flavor_config_file = Unicode(
+        "",
+        help="""A YAML file with the keys ``flavors``, ``hubs``, ``users``,
+        ``global_max_per_user`` and ``default_flavor``, read at startup;
+        its values replace the settings of the same names.""",
+    ).tag(config=True)
+
+    update_user_authentication = Callable(
+        None,
+        allow_none=True,
+        help="""Normalise the ``authentication`` object of a start before the user
+        rules see it. Called as ``update_user_authentication(authentication)``
+        (may be async); returns the object to use::
+
+            def lower_case(authentication):
+                return dict(authentication, name=authentication.get("name", "").lower())
+
+            c.JupyterHubOutpost.update_user_authentication = lower_case
+        """,
+    ).tag(config=True)
+
+    apply_flavor_hook = Callable(
+        help="""Apply a start's flavor to its Spawner, after the hub's overrides.
+
+        Called as ``apply_flavor_hook(spawner, flavor_name, flavor)`` (may be
+        async). Default: each key of the flavor's ``resources`` that is a trait
+        of the Spawner is set (``mem_limit``, ``cpu_limit``, ``cpu_guarantee``,
+        ``mem_guarantee``, batchspawner's ``req_*``, ...); other keys are
+        ignored.
+        """,
+    ).tag(config=True)
+
+    @default("apply_flavor_hook")
+    def _apply_flavor_hook_default(self):
+        return flavors.apply_resources
+
+    runtime_warning = Float(
+        900,
+        help="""Seconds before a server's runtime ends at which the hub is sent a
+        warning event (0: no warning).""",
+    ).tag(config=True)
+
+    runtime_warning_message = Unicode(
+        "Outpost: this server will be stopped in {minutes} minutes, at {end_date} "
+        "(runtime limit of flavor {flavor}).",
+        help="""The runtime warning's text; ``{minutes}``, ``{end_date}`` and
+        ``{flavor}`` are filled in.""",
+    ).tag(config=True)
+
+    hub_housekeeping = Dict(
+        help="""Per hub: periodically stop servers the hub no longer knows.
+
+        For each hub name: ``url`` (the hub's API, ``https://hub/hub/api``),
+        ``token`` (an API token with the scope ``custom:servers:list``, for the
+        OutpostSpawner's ``GET /servers``), ``interval`` (seconds between
+        checks, default 300) and ``grace`` (servers younger than this many
+        seconds are left alone, default 600). Nothing is stopped while the hub
+        cannot be reached::
+
+            c.JupyterHubOutpost.hub_housekeeping = {
+                "hub-a": {"url": "https://hub-a.example.org/hub/api",
+                          "token": os.environ["HUB_A_LIST_TOKEN"], "grace": 900},
+            }
+        """,
     ).tag(config=True)
 
     # runtime state, not configuration
@@ -329,9 +483,66 @@ class JupyterHubOutpost(Application):
             return bool(self.send_events(hub))
         return self.send_events
 
+    # flavors
+
+    def hub_flavors(self, hub):
+        """The flavor definitions hub ``hub`` may use"""
+        names = flavors.hub_flavor_names(self.flavors, self.hubs, hub)
+        return {name: self.flavors[name] for name in names}
+
     async def flavor_usage(self, hub):
-        """This hub's flavor usage, as sent to the hub ({} without flavors)"""
-        return {}
+        """This hub's flavors with limits and usage ({} without flavors)"""
+        if not self.flavors:
+            return {}
+        return flavors.usage_model(self.hub_flavors(hub), await self.db.flavor_counts())
+
+    async def user_flavor_decision(self, hub, authentication):
+        if self.update_user_authentication is not None:
+            authentication = await maybe_future(self.update_user_authentication(dict(authentication)))
+        return flavors.decide(self.flavors, self.hubs, self.users, hub, authentication or {})
+
+    async def user_flavors(self, hub, authentication):
+        """One user's flavors with limits and usage"""
+        decision = await self.user_flavor_decision(hub, authentication)
+        if decision.forbidden or not self.flavors:
+            return {}
+        return flavors.usage_model(decision.allowed, await self.db.flavor_counts())
+
+    async def flavor_for_start(self, hub, request):
+        """Check a start's flavor before anything runs.
+
+        Returns ``(name, definition, check_limits, end_date)``; all None
+        without flavors. ``check_limits(current, user_current, user_total)``
+        raises :class:`~jupyterhub_outpost.flavors.FlavorError` when a limit
+        is reached; the database calls it where it counts.
+        """
+        if not self.flavors:
+            return None, None, None, None
+        decision = await self.user_flavor_decision(hub, request.get("authentication"))
+        name, flavor = flavors.check_start(request.get("flavor"), self.flavors, decision, self.default_flavor)
+        global_max = self.global_max_per_user
+
+        def check_limits(current, user_current, user_total):
+            message = flavors.limit_error(name, flavor, current, user_current, user_total, global_max)
+            if message:
+                raise flavors.FlavorError(message)
+
+        runtime = flavors.runtime_delta(flavor)
+        end_date = utcnow() + runtime if runtime else None
+        return name, flavor, check_limits, end_date
+
+    def init_flavors(self):
+        if self.flavor_config_file:
+            with open(self.flavor_config_file) as f:
+                settings = yaml.safe_load(f) or {}
+            for key in ("flavors", "hubs", "users", "global_max_per_user", "default_flavor"):
+                if key in settings:
+                    setattr(self, key, settings[key])
+            self.log.info("Flavor configuration read from %s", self.flavor_config_file)
+        for name in (self.hub_housekeeping or {}):
+            secrets.add(self.hub_housekeeping[name].get("token"))
+        if self.flavors:
+            self.log.info("Flavors: %s", ", ".join(flavors.sorted_names(self.flavors)))
 
     # initialization, in the order initialize() calls it
 
@@ -434,6 +645,7 @@ class JupyterHubOutpost(Application):
         if self.config_file and not os.path.exists(self.config_file):
             self.log.info("No config file %s: running on the defaults", self.config_file)
         self.init_secrets()
+        self.init_flavors()
         self.init_db()
         self.init_servers()
         self.init_tornado_application()
@@ -466,7 +678,8 @@ class JupyterHubOutpost(Application):
             __version__, self.ip or "*", self.bound_port, self.base_url,
         )  # fmt: skip
         self._stopped = asyncio.Event()
-        self._cleanup_task = asyncio.create_task(self._cleanup_loop())
+        self.background = BackgroundWork(self)
+        self.background.start()
 
     async def launch(self):
         """Run until SIGTERM or SIGINT (the console script's main loop)"""
@@ -483,15 +696,10 @@ class JupyterHubOutpost(Application):
         await self._stopped.wait()
         await self.shutdown()
 
-    async def _cleanup_loop(self):
-        while True:
-            await self.server_manager.cleanup_interrupted(self.pending_timeout)
-            await asyncio.sleep(self.cleanup_interval)
-
     async def shutdown(self):
         """Stop listening, cancel starts in flight; running servers keep running"""
         self.log.info("Shutting down; running servers keep running")
-        self._cleanup_task.cancel()
+        await self.background.stop()
         if self.http_server is not None:
             self.http_server.stop()
         await self.server_manager.shutdown()
@@ -504,12 +712,10 @@ class JupyterHubOutpost(Application):
     @classmethod
     def launch_instance(cls, argv=None, **kwargs):
         self = cls.instance(**kwargs)
-
-        async def launch():
-            self.initialize(argv)
-            await self.launch()
-
-        asyncio.run(launch())
+        # initialization is synchronous and may exit (bad config, schema
+        # mismatch): do it before the event loop runs
+        self.initialize(argv)
+        asyncio.run(self.launch())
 
 
 def _safe_db_url(url):

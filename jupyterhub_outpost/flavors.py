@@ -14,11 +14,15 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Optional
 
+from .errors import OutpostError
+
 FLAVOR_KEYS = ("display_name", "description", "weight", "max", "maxPerUser", "runtime")
 
 
-class FlavorError(Exception):
+class FlavorError(OutpostError):
     """A start cannot use the flavor it asked for (message says why)"""
+
+    status_code = 419
 
 
 @dataclass
@@ -206,3 +210,13 @@ def usage_model(flavors, counts):
         entry["current"] = counts.get(name, 0)
         model[name] = entry
     return model
+
+
+def apply_resources(spawner, name, flavor):
+    """Default ``apply_flavor_hook``: set ``resources`` keys that are Spawner traits"""
+    for key, value in (flavor.get("resources") or {}).items():
+        if spawner.has_trait(key):
+            setattr(spawner, key, value)
+        else:
+            spawner.log.debug("Flavor %s: %s is not a trait of %s", name, key, type(spawner).__name__)
+

@@ -67,6 +67,33 @@ class HubClient(LoggingConfigurable):
             return False
         return await self._post(url, token, event, "progress event", log_name)
 
+    async def list_servers(self, api_url, token, log_name=""):
+        """The servers a hub knows, as ``{user_id}_{name}_{start_id}`` strings.
+
+        Asks the hub's ``GET {api_url}/servers`` (the OutpostSpawner's list,
+        scope ``custom:servers:list``). None when the hub cannot answer.
+        """
+        url = api_url.rstrip("/") + "/servers"
+        request = HTTPRequest(
+            url,
+            headers={"Authorization": f"token {token}", "Accept": "application/json"},
+            connect_timeout=self.request_timeout,
+            request_timeout=self.request_timeout,
+        )
+        try:
+            response = await self.client.fetch(request)
+            names = json.loads(response.body)
+        except HTTPClientError as e:
+            self.log.warning("%s - server list from %s failed: %s", log_name, scrub_url(url), e.code)
+            return None
+        except Exception as e:
+            self.log.warning("%s - server list from %s failed: %s", log_name, scrub_url(url), e)
+            return None
+        if not isinstance(names, list):
+            self.log.warning("%s - server list from %s is not a list", log_name, scrub_url(url))
+            return None
+        return {str(n) for n in names}
+
     async def send_flavor_update(self, env, usage, log_name=""):
         """POST this hub's flavor usage to ``JUPYTERHUB_FLAVORS_UPDATE_URL``"""
         url = env.get("JUPYTERHUB_FLAVORS_UPDATE_URL")

@@ -12,7 +12,7 @@ import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Optional
 
@@ -29,6 +29,8 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    func,
+    or_,
     select,
     update,
 )
@@ -100,6 +102,28 @@ class Server(Base):
     last_update: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow
     )
+    # when the flavor's runtime ends (None: no limit), and whether the hub
+    # was warned about it
+    end_date: Mapped[Optional[datetime]] = mapped_column(
+        DateTime(timezone=True), nullable=True
+    )
+    end_warned: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Lease(Base):
+    """Who runs a piece of background work, until when (one process at a time).
+
+    The row named ``flavor-accounting`` is a lock: writing it first makes the
+    count-and-insert of a start with flavor limits one serialized step.
+    """
+
+    __tablename__ = "leases"
+    name: Mapped[str] = mapped_column(Unicode(255), primary_key=True)
+    owner: Mapped[str] = mapped_column(Unicode(255), default="")
+    expires: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+ACCOUNTING_LOCK = "flavor-accounting"
 
 
 @dataclass
@@ -119,6 +143,8 @@ class ServerRecord:
     stop_pending: bool
     started: datetime
     last_update: datetime
+    end_date: Optional[datetime]
+    end_warned: bool
     state: Optional[dict] = field(default=None, repr=False)
     request: Optional[dict] = field(default=None, repr=False)
 
@@ -162,6 +188,8 @@ _SERVER_COLUMNS = (
     Server.stop_pending,
     Server.started,
     Server.last_update,
+    Server.end_date,
+    Server.end_warned,
 )
 
 # One server by its key. Built once: every poll runs it, and building the
@@ -255,35 +283,77 @@ class Database:
             self._add_server, hub_id, user_name, hub_user_id, name, start_id, kwargs
         )
 
-    def _add_server(self, session, hub_id, user_name, hub_user_id, name, start_id, kw):
+    def _user(self, session, hub_id, hub_user_id, user_name):
         user = session.scalar(
             select(User).where(User.hub_id == hub_id, User.hub_user_id == hub_user_id)
         )
         if user is None:
-            user = User(hub_id=hub_id, hub_user_id=hub_user_id, name=user_name)
-            session.add(user)
+            try:
+                with session.begin_nested():
+                    user = User(hub_id=hub_id, hub_user_id=hub_user_id, name=user_name)
+                    session.add(user)
+            except IntegrityError:  # created by a concurrent start
+                return self._user(session, hub_id, hub_user_id, user_name)
         elif user.name != user_name:
             user.name = user_name
+        return user
+
+    def _add_server(self, session, hub_id, user_name, hub_user_id, name, start_id, kw):
+        check_limits = kw.get("check_limits")
+        if check_limits is not None:
+            # the first write of this transaction: concurrent starts with
+            # limits wait here, so the count below cannot be outdated
+            session.execute(
+                update(Lease).where(Lease.name == ACCOUNTING_LOCK).values(owner="")
+            )
+        user = self._user(session, hub_id, hub_user_id, user_name)
+        if check_limits is not None:
+            check_limits(*self._counts_for(session, user.id, kw.get("flavor")))
         server = Server(
             hub_id=hub_id,
+            user_id=user.id,
             name=name,
             start_id=start_id,
             spawner_class=kw["spawner_class"],
             flavor=kw.get("flavor"),
             request=self._seal(kw["request"]),
             start_pending=True,
+            end_date=kw.get("end_date"),
         )
         try:
             with session.begin_nested():
-                session.flush()  # the user row gets its id
-                server.user_id = user.id
                 session.add(server)
-                session.flush()
         except IntegrityError:
             raise ServerExistsError(
                 f"Server {name!r} with start_id {start_id!r} already exists"
             ) from None
         return server.id
+
+    def _counts_for(self, session, user_id, flavor):
+        """(servers of flavor, the user's of flavor, the user's in all); stopping ones excluded"""
+        running = Server.stop_pending.is_(False)
+        total = session.scalar(
+            select(func.count()).where(running, Server.flavor == flavor)
+        )
+        user_rows = session.execute(
+            select(Server.flavor, func.count())
+            .where(running, Server.user_id == user_id)
+            .group_by(Server.flavor)
+        ).all()
+        user_flavor = sum(n for f, n in user_rows if f == flavor)
+        return total, user_flavor, sum(n for _, n in user_rows)
+
+    async def flavor_counts(self):
+        """Flavor name -> servers running now (stopping ones excluded)"""
+        return await self._run(self._flavor_counts)
+
+    def _flavor_counts(self, session):
+        rows = session.execute(
+            select(Server.flavor, func.count())
+            .where(Server.stop_pending.is_(False), Server.flavor.is_not(None))
+            .group_by(Server.flavor)
+        )
+        return dict(rows.all())
 
     async def get_server(self, hub, name, start_id, secrets=False):
         """One server of one hub, or None. ``secrets`` decrypts state and request."""
@@ -360,3 +430,67 @@ class Database:
     def _delete_server(self, session, server_id):
         result = session.execute(delete(Server).where(Server.id == server_id))
         return result.rowcount == 1
+
+    # leases for background work, and the runtime of servers
+
+    async def acquire_lease(self, name, owner, ttl):
+        """Take or renew lease ``name`` for ``ttl`` seconds. True if ``owner`` holds it."""
+        return await self._run(self._acquire_lease, name, owner, ttl)
+
+    def _acquire_lease(self, session, name, owner, ttl):
+        now = utcnow()
+        expires = now + timedelta(seconds=ttl)
+        result = session.execute(
+            update(Lease)
+            .where(Lease.name == name, or_(Lease.owner == owner, Lease.expires < now))
+            .values(owner=owner, expires=expires)
+        )
+        if result.rowcount == 1:
+            return True
+        if session.get(Lease, name) is not None:
+            return False
+        try:
+            with session.begin_nested():
+                session.add(Lease(name=name, owner=owner, expires=expires))
+        except IntegrityError:
+            return False
+        return True
+
+    async def release_lease(self, name, owner):
+        await self._run(self._release_lease, name, owner)
+
+    def _release_lease(self, session, name, owner):
+        session.execute(
+            update(Lease)
+            .where(Lease.name == name, Lease.owner == owner)
+            .values(expires=utcnow() - timedelta(seconds=1))
+        )
+
+    async def servers_ending(self, before):
+        """Running servers whose runtime ends before ``before`` (with secrets)"""
+        return await self._run(self._servers_ending, before)
+
+    def _servers_ending(self, session, before):
+        query = (
+            select(*_SERVER_COLUMNS, Server.state, Server.request)
+            .join(Hub, Hub.id == Server.hub_id)
+            .join(User, User.id == Server.user_id)
+            .where(
+                Server.end_date.is_not(None),
+                Server.end_date <= before,
+                Server.stop_pending.is_(False),
+                Server.start_pending.is_(False),
+            )
+            .order_by(Server.end_date)
+        )
+        return [
+            self._record(r[:-2], state=self._open(r[-2]), request=self._open(r[-1]))
+            for r in session.execute(query)
+        ]
+
+    async def mark_end_warned(self, server_id):
+        await self._run(self._mark_end_warned, server_id)
+
+    def _mark_end_warned(self, session, server_id):
+        session.execute(update(Server).where(Server.id == server_id).values(end_warned=True))
+

@@ -22,6 +22,7 @@ from traitlets import TraitError
 from traitlets.config import LoggingConfigurable
 
 from . import orm
+from .flavors import FlavorError
 from .errors import (
     OutpostError,
     OverrideRefusedError,
@@ -34,7 +35,7 @@ from .errors import (
 )
 from .log import secrets
 from .objects import OutpostDB, OutpostHub, OutpostORMSpawner, OutpostUser
-from .utils import format_service_address, isoformat
+from .utils import as_utc, format_service_address, isoformat
 
 # Spawner attributes a start request may never set: they connect the
 # Spawner to the Outpost, or carry credentials.
@@ -191,24 +192,34 @@ class ServerManager(LoggingConfigurable):
         never stored. With ``run_async`` the start runs in the background and
         an empty service is returned at once.
         """
-        await self.check_overrides(hub, request.get("misc"))
-        stored = {k: request[k] for k in ("env", "user_options", "misc")}
         env = request["env"]
-        record_id = await self.db.add_server(
-            hub,
-            env.get("JUPYTERHUB_USER", ""),
-            env.get("JUPYTERHUB_USER_ID") or env.get("JUPYTERHUB_USER", ""),
-            request["name"],
-            request["start_id"],
-            spawner_class=_class_name(self.app.spawner_class),
-            flavor=request.get("flavor"),
-            request=stored,
-        )
+        try:
+            await self.check_overrides(hub, request.get("misc"))
+            flavor_name, flavor, check_limits, end_date = await self.app.flavor_for_start(hub, request)
+            stored = {k: request[k] for k in ("env", "user_options", "misc")}
+            record_id = await self.db.add_server(
+                hub,
+                env.get("JUPYTERHUB_USER", ""),
+                env.get("JUPYTERHUB_USER_ID") or env.get("JUPYTERHUB_USER", ""),
+                request["name"],
+                request["start_id"],
+                spawner_class=_class_name(self.app.spawner_class),
+                flavor=flavor_name,
+                check_limits=check_limits,
+                end_date=end_date,
+                request=stored,
+            )
+        except (OverrideRefusedError, FlavorError):
+            self._report_usage(hub, env)
+            raise
         record = await self.db.get_server(hub, request["name"], request["start_id"])
         try:
             managed = self.build_spawner(record, stored, auth_state)
+            if flavor is not None:
+                await maybe_future(self.app.apply_flavor_hook(managed.spawner, flavor_name, flavor))
         except Exception as e:
             await self.db.delete_server(record_id)
+            self._report_usage(hub, env)
             raise StartFailedError(e) from e
         self.active[record.key] = managed
         managed.start_task = asyncio.create_task(
@@ -324,11 +335,14 @@ class ServerManager(LoggingConfigurable):
 
     def _after_change(self, managed):
         """Tell the hub its flavor usage changed (in the background)"""
-        self._keep(asyncio.ensure_future(self._send_flavor_update(managed)))
+        self._report_usage(managed.record.hub, managed.env, managed.log_name)
 
-    async def _send_flavor_update(self, managed):
-        usage = await self.app.flavor_usage(managed.record.hub)
-        await self.hub_client.send_flavor_update(managed.env, usage, managed.log_name)
+    def _report_usage(self, hub, env, log_name=""):
+        self._keep(asyncio.ensure_future(self._send_flavor_update(hub, env, log_name)))
+
+    async def _send_flavor_update(self, hub, env, log_name):
+        usage = await self.app.flavor_usage(hub)
+        await self.hub_client.send_flavor_update(env, usage, log_name)
 
     def _keep(self, task):
         self._background.add(task)
@@ -481,7 +495,7 @@ class ServerManager(LoggingConfigurable):
         """
         now = time.time()
         for record in await self.db.list_servers(pending_only=True):
-            age = now - record.last_update.timestamp()
+            age = now - as_utc(record.last_update).timestamp()
             if age < min_age or record.key in self.active:
                 continue
             self.log.warning("%s/%s/%s - finishing an interrupted %s", *record.key,

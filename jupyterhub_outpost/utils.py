@@ -18,13 +18,18 @@ def utcnow():
     return datetime.now(timezone.utc)
 
 
+def as_utc(dt):
+    """A datetime with tzinfo (naive values, as SQLite returns them, are UTC)"""
+    if dt is not None and dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt
+
+
 def isoformat(dt):
     """ISO 8601 text for a datetime (naive values are taken as UTC), or None"""
     if dt is None:
         return None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.isoformat().replace("+00:00", "Z")
+    return as_utc(dt).isoformat().replace("+00:00", "Z")
 
 
 def url_path_join(*pieces):

@@ -32,7 +32,7 @@ SCRIPT = shutil.which("jupyterhub-outpost", path=os.path.dirname(sys.executable)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CRYPT_KEY = Fernet.generate_key().decode()
 STORED_TOKEN = "token-of-the-kept-server-0123456789"
-FIRST_REVISION = "a1b2c3d4e5f6"
+HEAD_REVISION = dbutil.head_revision()
 
 
 def clean_env(**extra):
@@ -410,10 +410,10 @@ async def assert_record_readable(url):
 
 async def test_database_at_head_is_left_alone(db_copy):
     path, url = db_copy
-    assert revision_of(path) == dbutil.head_revision() == FIRST_REVISION
+    assert revision_of(path) == dbutil.head_revision() == HEAD_REVISION
     before = path.read_bytes()
     dbutil.prepare_database(url, logging.getLogger("test"))
-    assert revision_of(path) == FIRST_REVISION
+    assert revision_of(path) == HEAD_REVISION
     assert backups(path) == []
     assert path.read_bytes() == before
     await assert_record_readable(url)
@@ -435,11 +435,11 @@ async def test_upgrade_db_command_on_an_existing_database(db_copy, tmp_path):
     finally:
         writer.close()
     assert result.returncode == 0, result.stderr
-    assert f"Database schema is at revision {FIRST_REVISION}" in result.stderr
+    assert f"Database schema is at revision {HEAD_REVISION}" in result.stderr
     (backup,) = backups(path)
-    assert revision_of(backup) == FIRST_REVISION
+    assert revision_of(backup) == HEAD_REVISION
     assert query(backup, "SELECT name, flavor FROM servers") == [("kept", "in-the-wal")]
-    assert revision_of(path) == FIRST_REVISION
+    assert revision_of(path) == HEAD_REVISION
     await assert_record_readable(url)
 
 
@@ -470,7 +470,7 @@ def test_unknown_or_missing_revision_is_refused(db_copy, tmp_path, damage, messa
 
 NEXT_REVISION = f'''"""test only: an index on servers.flavor"""
 revision = "b7e57e57e57e"
-down_revision = "{FIRST_REVISION}"
+down_revision = "{HEAD_REVISION}"
 branch_labels = None
 depends_on = None
 
@@ -503,11 +503,11 @@ async def test_older_revision_is_upgraded_after_a_backup(db_copy, newer_alembic,
     # without automatic upgrades (the default for PostgreSQL): refuse, name the command
     with pytest.raises(dbutil.DatabaseSchemaMismatch, match="jupyterhub-outpost upgrade-db"):
         dbutil.prepare_database(url, log, auto_upgrade=False)
-    assert revision_of(path) == FIRST_REVISION and backups(path) == []
+    assert revision_of(path) == HEAD_REVISION and backups(path) == []
 
     with caplog.at_level(logging.INFO, logger="test-dbutil"):
         dbutil.prepare_database(url, log)
-    assert f"Upgrading the database schema from {FIRST_REVISION} to {newer_alembic}" in caplog.text
+    assert f"Upgrading the database schema from {HEAD_REVISION} to {newer_alembic}" in caplog.text
     assert revision_of(path) == newer_alembic
     engine = orm.new_engine(url)
     try:
@@ -516,5 +516,5 @@ async def test_older_revision_is_upgraded_after_a_backup(db_copy, newer_alembic,
         engine.dispose()
     assert "ix_servers_flavor_test" in indexes
     (backup,) = backups(path)
-    assert revision_of(backup) == FIRST_REVISION
+    assert revision_of(backup) == HEAD_REVISION
     await assert_record_readable(url)

@@ -1,7 +1,7 @@
 """HTTP handlers of the Outpost's REST API"""
 
-from . import health, services, spec
+from . import flavors, health, services, spec
 
 default_handlers = []
-for _mod in (services, health, spec):
+for _mod in (services, flavors, health, spec):
     default_handlers.extend(_mod.default_handlers)

@@ -1,0 +1,136 @@
+"""Background work that one process does for all: runtime limits,
+housekeeping against the hubs, and finishing interrupted starts and stops.
+
+Several Outpost processes may share one database. A lease in the database
+(not a file) decides which of them does this work; when that process dies,
+its lease expires and another takes over. What the work needs (end dates,
+pending flags) lives in the database, so it survives restarts.
+"""
+
+import asyncio
+import uuid
+from datetime import timedelta
+
+from traitlets.config import LoggingConfigurable
+
+from .utils import as_utc, utcnow
+
+LEASE = "background"
+
+
+class BackgroundWork(LoggingConfigurable):
+    """The periodic loop of one Outpost process
+
+    Parameters:
+        app: the :class:`~jupyterhub_outpost.app.JupyterHubOutpost`
+    """
+
+    def __init__(self, app, **kwargs):
+        super().__init__(parent=app, **kwargs)
+        self.app = app
+        self.owner = f"{app.instance_name}-{uuid.uuid4().hex[:8]}"
+        self.holds_lease = False
+        self._last_housekeeping = {}
+        self._task = None
+
+    def start(self):
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self):
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task])
+        if self.holds_lease:
+            try:
+                await self.app.db.release_lease(LEASE, self.owner)
+            except Exception as e:
+                self.log.warning("Could not release the background lease: %s", e)
+
+    async def _loop(self):
+        interval = self.app.cleanup_interval
+        while True:
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.log.exception("Background work failed; trying again in %is", interval)
+            await asyncio.sleep(interval)
+
+    async def run_once(self):
+        """One round: take or renew the lease; if held, do the work"""
+        ttl = max(3 * self.app.cleanup_interval, 30)
+        held = await self.app.db.acquire_lease(LEASE, self.owner, ttl)
+        if held != self.holds_lease:
+            self.log.info(
+                "%s the background work (runtime limits, housekeeping, cleanup)",
+                "Taking over" if held else "Another process does",
+            )
+            self.holds_lease = held
+        if not held:
+            return
+        manager = self.app.server_manager
+        await manager.cleanup_interrupted(self.app.pending_timeout)
+        await self.enforce_runtimes()
+        await self.housekeeping()
+
+    async def enforce_runtimes(self):
+        """Warn servers whose runtime ends soon; stop those whose runtime ended"""
+        now = utcnow()
+        warning = timedelta(seconds=self.app.runtime_warning)
+        manager = self.app.server_manager
+        for record in await self.app.db.servers_ending(now + warning):
+            end_date = as_utc(record.end_date)
+            if end_date <= now:
+                self.log.info("%s/%s/%s - runtime ended; stopping", *record.key)
+                try:
+                    await manager.stop(*record.key)
+                except Exception as e:
+                    self.log.error("%s/%s/%s - stop at end of runtime failed: %s", *record.key, e)
+            elif not record.end_warned and self.app.runtime_warning > 0:
+                await self._warn(record, end_date, now)
+
+    async def _warn(self, record, end_date, now):
+        minutes = max(1, round((end_date - now).total_seconds() / 60))
+        message = self.app.runtime_warning_message.format(
+            minutes=minutes,
+            end_date=end_date.strftime("%Y-%m-%d %H:%M UTC"),
+            flavor=record.flavor or "",
+        )
+        event = {"progress": 100, "message": message, "html_message": message}
+        await self.app.hub_client.send_event(record.request["env"], event, "{}/{}/{}".format(*record.key))
+        await self.app.db.mark_end_warned(record.id)
+
+    async def housekeeping(self):
+        """Stop servers that a hub no longer knows (per hub, when configured)"""
+        now = utcnow()
+        for hub, settings in self.app.hub_housekeeping.items():
+            interval = settings.get("interval", 300)
+            last = self._last_housekeeping.get(hub)
+            if last is not None and (now - last).total_seconds() < interval:
+                continue
+            self._last_housekeeping[hub] = now
+            await self.housekeeping_for(hub, settings)
+
+    async def housekeeping_for(self, hub, settings):
+        known = await self.app.hub_client.list_servers(settings["url"], settings["token"], hub)
+        if known is None:
+            self.log.warning("Housekeeping for %s skipped: its server list is unavailable", hub)
+            return []
+        grace = timedelta(seconds=settings.get("grace", 600))
+        now = utcnow()
+        stopped = []
+        for record in await self.app.db.list_servers(hub):
+            if record.start_pending or record.stop_pending:
+                continue
+            if now - as_utc(record.started) < grace:
+                continue
+            if f"{record.hub_user_id}_{record.name}_{record.start_id}" in known:
+                continue
+            self.log.warning("%s/%s/%s - unknown to the hub; stopping", *record.key)
+            try:
+                await self.app.server_manager.stop(*record.key)
+                stopped.append(record.key)
+            except Exception as e:
+                self.log.error("%s/%s/%s - housekeeping stop failed: %s", *record.key, e)
+        return stopped
