@@ -28,6 +28,12 @@ c.Spawner.cmd = ["sleep", "600"]
 c.Spawner.ip = "127.0.0.1"
 c.HubClient.retries = 0
 c.HubClient.request_timeout = 1
+c.JupyterHubOutpost.flavors = {{
+    "small": {{"display_name": "Small", "weight": 10, "max": 1000, "maxPerUser": 500,
+              "runtime": {{"hours": 1}}}},
+    "gpu": {{"display_name": "GPU", "weight": 20, "max": 1}},
+}}
+c.JupyterHubOutpost.default_flavor = "small"
 """
 
 
@@ -65,7 +71,9 @@ def test_description_is_served_without_credentials(outpost):
     assert as_json.status_code == 200
     spec = as_json.json()
     assert spec["openapi"].startswith("3.")
-    assert {"/ping", "/services", "/services/{name}/{start_id}"} <= set(spec["paths"])
+    assert {"/ping", "/services", "/services/{name}/{start_id}", "/flavors", "/userflavors"} <= set(
+        spec["paths"]
+    )
     as_yaml = requests.get(url(outpost, "openapi.yaml"), timeout=10)
     assert as_yaml.status_code == 200 and b"openapi: 3" in as_yaml.content
 
@@ -91,13 +99,17 @@ def test_real_responses_match_the_description(outpost, schema):
         ("GET", "/services", requests.get(url(outpost, "services"), timeout=10)),  # 401
         ("DELETE", "/services/{name}/{start_id}", http(outpost, "DELETE", server)),
         ("DELETE", "/services/{name}/{start_id}", http(outpost, "DELETE", server)),  # 404
+        ("GET", "/flavors", http(outpost, "GET", "flavors")),
+        ("POST", "/userflavors", http(outpost, "POST", "userflavors", json={"name": "zoe"})),
+        ("POST", "/userflavors", http(outpost, "POST", "userflavors", json=[])),  # 400
     ]
     codes = [r.status_code for _, _, r in responses]
-    assert codes == [200, 200, 409, 200, 200, 404, 400, 419, 401, 200, 404]
+    assert codes == [200, 200, 409, 200, 200, 404, 400, 419, 401, 200, 404, 200, 200, 400]
     for method, template, response in responses:
         check(method, template, template, response)
     assert responses[1][2].json()["service"].startswith("127.0.0.1:")
     assert responses[7][2].json()["class"] == "FileNotFoundError"
+    assert set(responses[11][2].json()) == {"small", "gpu"}
 
 
 FUZZ_CHECKS = [
