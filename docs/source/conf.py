@@ -1,9 +1,13 @@
 """Sphinx configuration of the jupyterhub-outpost documentation.
 
-Import-safe: it neither imports jupyterhub_outpost nor needs it installed.
+It does not import jupyterhub_outpost. The reference page of the settings
+embeds the output of ``jupyterhub-outpost --help-all``, generated here at
+build time so that it cannot drift from the code.
 """
 
 import os
+import subprocess
+import sys
 
 here = os.path.dirname(os.path.abspath(__file__))
 _version_ns = {}
@@ -30,3 +34,21 @@ try:
 except ImportError:
     html_theme = "alabaster"
 html_title = f"jupyterhub-outpost {release}"
+
+
+def _write_help_all():
+    """reference/help-all.txt: the settings as the installed command lists them"""
+    target = os.path.join(here, "reference", "help-all.txt")
+    try:
+        text = subprocess.run(
+            [sys.executable, "-m", "jupyterhub_outpost", "--help-all"],
+            capture_output=True, text=True, check=True, timeout=60,
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        text = f"(jupyterhub-outpost --help-all was not available when this was built: {e})\n"
+    with open(target, "w") as f:
+        f.write(text)
+
+
+_write_help_all()
+
