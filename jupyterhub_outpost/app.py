@@ -323,6 +323,21 @@ class JupyterHubOutpost(Application):
         """,
     ).tag(config=True)
 
+    lease_ttl = Float(
+        help="""Seconds the background-work lease lasts without renewal.
+
+        The process doing the background work renews its lease every
+        ``cleanup_interval``; when it dies, another process takes over once
+        the lease has expired. The lease is renewed between rounds only:
+        keep it above ``cleanup_interval`` and above the time one round's
+        stops may take. Default: ``max(3 * cleanup_interval, 30)``.
+        """,
+    ).tag(config=True)
+
+    @default("lease_ttl")
+    def _lease_ttl_default(self):
+        return max(3 * self.cleanup_interval, 30)
+
     flavors = Dict(
         help="""Flavors: resource templates with limits, by name.
 
@@ -436,10 +451,10 @@ class JupyterHubOutpost(Application):
     ).tag(config=True)
 
     runtime_warning_message = Unicode(
-        "Outpost: this server will be stopped in {minutes} minutes, at {end_date} "
+        "Outpost: this server will be stopped in {remaining}, at {end_date} "
         "(runtime limit of flavor {flavor}).",
-        help="""The runtime warning's text; ``{minutes}``, ``{end_date}`` and
-        ``{flavor}`` are filled in.""",
+        help="""The runtime warning's text; ``{remaining}`` ("15 minutes"),
+        ``{minutes}`` (15), ``{end_date}`` and ``{flavor}`` are filled in.""",
     ).tag(config=True)
 
     hub_housekeeping = Dict(

@@ -59,8 +59,7 @@ class BackgroundWork(LoggingConfigurable):
 
     async def run_once(self):
         """One round: take or renew the lease; if held, do the work"""
-        ttl = max(3 * self.app.cleanup_interval, 30)
-        held = await self.app.db.acquire_lease(LEASE, self.owner, ttl)
+        held = await self.app.db.acquire_lease(LEASE, self.owner, self.app.lease_ttl)
         if held != self.holds_lease:
             self.log.info(
                 "%s the background work (runtime limits, housekeeping, cleanup)",
@@ -93,6 +92,7 @@ class BackgroundWork(LoggingConfigurable):
     async def _warn(self, record, end_date, now):
         minutes = max(1, round((end_date - now).total_seconds() / 60))
         message = self.app.runtime_warning_message.format(
+            remaining=f"{minutes} minute{'' if minutes == 1 else 's'}",
             minutes=minutes,
             end_date=end_date.strftime("%Y-%m-%d %H:%M UTC"),
             flavor=record.flavor or "",

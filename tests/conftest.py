@@ -1,6 +1,7 @@
 """Fixtures: a real Outpost on a random loopback port, a fake hub API."""
 
 import ctypes
+import gc
 import os
 import subprocess
 import threading
@@ -18,25 +19,47 @@ from .utils import HUB_CREDENTIALS
 PR_SET_CHILD_SUBREAPER = 36
 
 
+def _zombie_children(me):
+    """Pids of this process's zombie children that are not Python processes"""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(") ", 1)[1].split()
+            with open(f"/proc/{entry}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        if fields[0] == "Z" and fields[1] == me and not comm.startswith("python"):
+            pids.add(int(entry))
+    return pids
+
+
+def _popen_pids():
+    """Pids of this process's Popen objects not waited for yet (an in-process
+    Outpost's spawners, a test's own processes): their owners reap them, and
+    read the exit status"""
+    return {
+        o.pid for o in gc.get_objects() if isinstance(o, subprocess.Popen) and o.returncode is None
+    }
+
+
 def _reap_orphans(stop):
-    """Reap zombie children that are not ours to wait for (not Python processes)"""
+    """Reap zombie children that are not ours to wait for"""
     me = str(os.getpid())
+    owned = set()  # zombies a Popen object will reap
     while not stop.wait(0.2):
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
+        zombies = _zombie_children(me)
+        owned &= zombies
+        if zombies - owned:
+            owned |= zombies & _popen_pids()
+        for pid in zombies - owned:
             try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(") ", 1)[1].split()
-                with open(f"/proc/{entry}/comm") as f:
-                    comm = f.read().strip()
-            except OSError:
-                continue
-            if fields[0] == "Z" and fields[1] == me and not comm.startswith("python"):
-                try:
-                    os.waitpid(int(entry), os.WNOHANG)
-                except ChildProcessError:
-                    pass
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -67,8 +90,13 @@ async def fake_hub():
     hub.stop()
 
 
-def outpost_config(workdir, **overrides):
-    """Config for a test Outpost: SimpleLocalProcessSpawner on 127.0.0.1"""
+def outpost_config(workdir, spawner_cmd=None, **overrides):
+    """Config for a test Outpost: SimpleLocalProcessSpawner on 127.0.0.1.
+
+    ``spawner_cmd`` replaces jupyterhub-singleuser (``["sleep", "600"]``
+    when a real process is all a test needs); ``overrides`` are
+    ``JupyterHubOutpost`` settings.
+    """
     cfg = Config()
     cfg.JupyterHubOutpost.config_file = ""
     cfg.JupyterHubOutpost.db_url = os.environ.get(
@@ -89,6 +117,9 @@ def outpost_config(workdir, **overrides):
     cfg.Spawner.popen_kwargs = {"stdin": subprocess.DEVNULL}
     cfg.HubClient.retries = 0
     cfg.HubClient.request_timeout = 5
+    if spawner_cmd is not None:
+        cfg.Spawner.cmd = spawner_cmd
+        cfg.Spawner.args = []
     for key, value in overrides.items():
         setattr(cfg.JupyterHubOutpost, key, value)
     return cfg

@@ -37,6 +37,30 @@ class _RecordingHandler(web.RequestHandler):
         self.set_status(204)
 
 
+class _ServerListHandler(web.RequestHandler):
+    """``GET /hub/api/servers``: the OutpostSpawner's server list (scope
+    ``custom:servers:list``), as ``{user_id}_{name}_{start_id}`` strings"""
+
+    def initialize(self, fake):
+        self.fake = fake
+
+    def get(self):
+        auth = self.request.headers.get("Authorization", "")
+        token = auth[len("token ") :] if auth.startswith("token ") else None
+        self.fake.received.append(
+            {"kind": "servers", "path": self.request.path, "token": token, "body": None}
+        )
+        if token not in self.fake.list_tokens:
+            self.set_status(403)
+            self.fake.rejected.append(("servers", self.request.path))
+            return
+        if self.fake.list_status != 200:
+            self.set_status(self.fake.list_status)
+            return
+        self.set_header("Content-Type", "application/json")
+        self.write(json.dumps(list(self.fake.server_list)))
+
+
 class _VersionHandler(web.RequestHandler):
     """``GET /hub/api``: what jupyterhub-singleuser checks at startup"""
 
@@ -51,16 +75,23 @@ class FakeHubAPI:
     """Stand-in for the hub endpoints the Outpost calls.
 
     ``url`` is the hub API root (like ``JUPYTERHUB_API_URL``); ``received``
-    lists every accepted call with its kind (``event`` or ``flavors``).
+    lists every accepted call with its kind (``event`` or ``flavors``), and
+    every request for the server list (kind ``servers``). The server list
+    answers ``server_list`` to the tokens in ``list_tokens``, or fails with
+    ``list_status`` when that is not 200.
     """
 
     def __init__(self):
         self.received = []
         self.rejected = []
         self.tokens = set()
+        self.list_tokens = set()
+        self.server_list = []
+        self.list_status = 200
         self.app = web.Application(
             [
                 (r"/hub/api/?", _VersionHandler),
+                (r"/hub/api/servers/?", _ServerListHandler, {"fake": self}),
                 (r"/hub/api/users/progress/events/(.*)", _RecordingHandler, {"fake": self, "kind": "event"}),
                 (r"/hub/api/outpostflavors/(.*)", _RecordingHandler, {"fake": self, "kind": "flavors"}),
                 (r"/hub/api/users/setuptunnel/(.*)", _RecordingHandler, {"fake": self, "kind": "setuptunnel"}),

@@ -28,8 +28,12 @@ def base_url_of(app):
 
 
 async def api_request(app, *path, method="GET", hub="hub-a", body=None, headers=None,
-                      password=None, auth=True, raw_body=None, timeout=60):
-    """Send a real HTTP request to the Outpost; return the response (never raises)"""
+                      password=None, auth=True, raw_body=None, timeout=60, client=None):
+    """Send a real HTTP request to the Outpost; return the response (never raises).
+
+    ``client``: an ``AsyncHTTPClient`` to use instead of the shared one (whose
+    10 connections the in-process Outpost also uses to call the hub).
+    """
     url = base_url_of(app) + "/".join(str(p) for p in path)
     all_headers = {"Content-Type": "application/json", "Accept": "application/json"}
     if auth:
@@ -43,7 +47,7 @@ async def api_request(app, *path, method="GET", hub="hub-a", body=None, headers=
         url, method=method, headers=all_headers, body=raw_body,
         allow_nonstandard_methods=True, request_timeout=timeout,
     )
-    return await AsyncHTTPClient().fetch(request, raise_error=False)
+    return await (client or AsyncHTTPClient()).fetch(request, raise_error=False)
 
 
 def json_of(response):
@@ -121,6 +125,40 @@ def wait_for_port(port, timeout=30):
                 return True
         time.sleep(0.05)
     raise TimeoutError(f"nothing listens on port {port} after {timeout}s")
+
+
+PROCESS_CONFIG = """
+c = get_config()  # noqa
+c.JupyterHubOutpost.spawner_class = "jupyterhub.spawner.SimpleLocalProcessSpawner"
+c.JupyterHubOutpost.db_url = "sqlite:///{db_path}"
+c.JupyterHubOutpost.internal_certs_location = "{workdir}/certs"
+c.SimpleLocalProcessSpawner.home_dir_template = "{workdir}/home-{{username}}"
+c.Spawner.ip = "127.0.0.1"
+c.Spawner.cmd = {cmd!r}
+c.Spawner.args = {args!r}
+c.Spawner.start_timeout = 60
+c.HubClient.retries = 0
+c.HubClient.request_timeout = 5
+"""
+
+
+def process_config(workdir, db_path=None, cmd=None, **traits):
+    """``outpost_config.py`` text for an :class:`OutpostProcess`.
+
+    SimpleLocalProcessSpawner on 127.0.0.1 with the SQLite file ``db_path``
+    (default: ``outpost.sqlite`` in ``workdir``); ``cmd`` replaces
+    jupyterhub-singleuser (``["sleep", "600"]`` when a real process is all
+    a test needs); ``traits`` are more ``JupyterHubOutpost`` settings.
+    """
+    db_path = db_path or os.path.join(str(workdir), "outpost.sqlite")
+    if cmd is None:
+        cmd, args = ["jupyterhub-singleuser"], ["--ServerApp.allow_root=True"]
+    else:
+        args = []
+    text = PROCESS_CONFIG.format(workdir=workdir, db_path=db_path, cmd=cmd, args=args)
+    for name, value in traits.items():
+        text += f"c.JupyterHubOutpost.{name} = {value!r}\n"
+    return text
 
 
 class OutpostProcess:
