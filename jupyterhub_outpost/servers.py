@@ -21,7 +21,6 @@ from jupyterhub.utils import iterate_until, maybe_future
 from traitlets import TraitError
 from traitlets.config import LoggingConfigurable
 
-from . import orm
 from .flavors import FlavorError
 from .errors import (
     OutpostError,

@@ -3,6 +3,7 @@
 import ctypes
 import gc
 import os
+import signal
 import subprocess
 import threading
 
@@ -13,7 +14,7 @@ from traitlets.config import Config
 from jupyterhub_outpost.app import JupyterHubOutpost
 
 from .mocking import FakeHubAPI
-from .utils import HUB_CREDENTIALS
+from .utils import HUB_CREDENTIALS, OutpostProcess, pids_with_env
 
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -158,3 +159,30 @@ async def _stop_leftover_servers(request):
     yield
     if "app" in request.fixturenames:
         await stop_all_servers(request.getfixturevalue("app"))
+
+
+@pytest.fixture
+def processes():
+    """OutpostProcess factory; processes and the servers they started end at teardown.
+
+    Add the API tokens of servers started through them to ``processes.tokens``.
+    """
+    made, tokens = [], set()
+
+    def make(workdir, **kwargs):
+        os.makedirs(workdir, exist_ok=True)
+        process = OutpostProcess(workdir, **kwargs)
+        made.append(process)
+        return process
+
+    make.tokens = tokens
+    yield make
+    for process in made:
+        process.end()
+    for token in tokens:
+        for pid in pids_with_env("JUPYTERHUB_API_TOKEN", token):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+

@@ -8,9 +8,7 @@ the hub is :class:`~tests.mocking.FakeHubAPI`.
 """
 
 import asyncio
-import os
 import secrets
-import signal
 import socket
 import sqlite3
 import time
@@ -21,7 +19,6 @@ from cryptography.fernet import Fernet
 from .conftest import outpost_config, start_outpost, stop_all_servers
 from .utils import (
     HUB_CREDENTIALS,
-    OutpostProcess,
     api_request,
     free_port,
     json_of,
@@ -140,33 +137,6 @@ async def test_runtime_end_is_warned_once_then_the_server_is_stopped(tmp_path, f
 
 
 # one process of several does the background work
-
-
-@pytest.fixture
-def processes():
-    """OutpostProcess factory; processes and the servers they started end at teardown"""
-    made, tokens = [], set()
-
-    def make(workdir, **kwargs):
-        os.makedirs(workdir, exist_ok=True)
-        process = OutpostProcess(workdir, **kwargs)
-        made.append(process)
-        return process
-
-    make.tokens = tokens
-    yield make
-    for process in made:
-        if process.proc is not None and process.proc.poll() is None:
-            process.proc.kill()
-            process.proc.wait(10)
-        if getattr(process, "log_file", None):
-            process.log_file.close()
-    for token in tokens:
-        for pid in pids_with_env("JUPYTERHUB_API_TOKEN", token):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 TAKING_OVER = "Taking over the background work"

@@ -12,8 +12,6 @@ SimpleLocalProcessSpawner), found by the API token in their environment.
 
 import asyncio
 import itertools
-import os
-import signal
 
 import pytest
 from cryptography.fernet import Fernet
@@ -21,7 +19,6 @@ from tornado.httpclient import AsyncHTTPClient
 
 from .conftest import outpost_config, start_outpost, stop_all_servers
 from .utils import (
-    OutpostProcess,
     api_request,
     json_of,
     pid_alive,
@@ -76,33 +73,6 @@ async def _stop_servers_of_the_test(request):
     yield
     if "outpost" in request.fixturenames:
         await stop_all_servers(request.getfixturevalue("outpost"))
-
-
-@pytest.fixture
-def processes():
-    """OutpostProcess factory; processes and the servers they started end at teardown"""
-    made, tokens = [], set()
-
-    def make(workdir, **kwargs):
-        os.makedirs(workdir, exist_ok=True)
-        process = OutpostProcess(workdir, **kwargs)
-        made.append(process)
-        return process
-
-    make.tokens = tokens
-    yield make
-    for process in made:
-        if process.proc is not None and process.proc.poll() is None:
-            process.proc.kill()
-            process.proc.wait(10)
-        if getattr(process, "log_file", None):
-            process.log_file.close()
-    for token in tokens:
-        for pid in pids_with_env("JUPYTERHUB_API_TOKEN", token):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 _user_ids = itertools.count(1000)

@@ -13,9 +13,9 @@ import signal
 
 import pytest
 from cryptography.fernet import Fernet
-from tornado.httpclient import AsyncHTTPClient
 
 from .utils import (
+    server_answers,
     OutpostProcess,
     api_request,
     json_of,
@@ -67,20 +67,7 @@ def outposts():
 
     yield make
     for process in made:
-        if process.proc is not None and process.proc.poll() is None:
-            process.proc.kill()
-            process.proc.wait(10)
-        if getattr(process, "log_file", None):
-            process.log_file.close()
-
-
-async def server_answers(address, prefix):
-    url = f"http://{address}{prefix}api"
-    try:
-        response = await AsyncHTTPClient().fetch(url, raise_error=False, request_timeout=2)
-    except OSError:
-        return False
-    return response.code == 200 and b"version" in response.body
+        process.end()
 
 
 async def start_servers(outpost, fake_hub, tokens, names):

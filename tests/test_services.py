@@ -1,19 +1,6 @@
 """The core journey: start a real jupyterhub-singleuser, poll it, stop it."""
 
-import asyncio
-
-from tornado.httpclient import AsyncHTTPClient
-
-from .utils import api_request, json_of, pid_alive, start_body, wait_until
-
-
-async def server_answers(address, prefix):
-    url = f"http://{address}{prefix}api"
-    try:
-        response = await AsyncHTTPClient().fetch(url, raise_error=False, request_timeout=2)
-    except OSError:
-        return False
-    return response.code == 200 and b"version" in response.body
+from .utils import api_request, json_of, pid_alive, server_answers, start_body, wait_until
 
 
 async def test_start_poll_stop_real_singleuser(app, fake_hub):

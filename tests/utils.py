@@ -201,6 +201,14 @@ class OutpostProcess:
                 pass
         raise TimeoutError(f"jupyterhub-outpost does not listen on {self.port} after {timeout}s")
 
+    def end(self):
+        """Kill the process if it still runs (test teardown)"""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        if getattr(self, "log_file", None):
+            self.log_file.close()
+
     def kill9(self):
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
@@ -238,3 +246,14 @@ def pids_with_env(key, value):
         if needle in environ and pid_alive(int(entry)):
             pids.append(int(entry))
     return pids
+
+
+async def server_answers(address, prefix):
+    """True when a jupyter server answers ``/api`` at ``address`` + ``prefix``"""
+    url = f"http://{address}{prefix}api"
+    try:
+        response = await AsyncHTTPClient().fetch(url, raise_error=False, request_timeout=2)
+    except OSError:
+        return False
+    return response.code == 200 and b"version" in response.body
+
