@@ -3,7 +3,6 @@
 import ctypes
 import gc
 import os
-import signal
 import subprocess
 import threading
 
@@ -14,7 +13,7 @@ from traitlets.config import Config
 from jupyterhub_outpost.app import JupyterHubOutpost
 
 from .mocking import FakeHubAPI
-from .utils import HUB_CREDENTIALS, OutpostProcess, pids_with_env
+from .utils import HUB_CREDENTIALS, OutpostProcess, kill_servers_of
 
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -179,10 +178,5 @@ def processes():
     yield make
     for process in made:
         process.end()
-    for token in tokens:
-        for pid in pids_with_env("JUPYTERHUB_API_TOKEN", token):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    kill_servers_of(tokens)
 

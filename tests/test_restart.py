@@ -20,6 +20,7 @@ from .utils import (
     api_request,
     json_of,
     pid_alive,
+    kill_servers_of,
     pids_with_env,
     start_body,
     tokens_of,
@@ -47,12 +48,7 @@ def singleuser_tokens():
     """API tokens of the servers a test starts; their processes die at teardown"""
     tokens = set()
     yield tokens
-    for token in tokens:
-        for pid in pids_with_env("JUPYTERHUB_API_TOKEN", token):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    kill_servers_of(tokens)
 
 
 @pytest.fixture

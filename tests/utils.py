@@ -257,3 +257,13 @@ async def server_answers(address, prefix):
         return False
     return response.code == 200 and b"version" in response.body
 
+
+def kill_servers_of(tokens):
+    """SIGKILL every process whose JUPYTERHUB_API_TOKEN is one of ``tokens``"""
+    for token in tokens:
+        for pid in pids_with_env("JUPYTERHUB_API_TOKEN", token):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
