@@ -34,10 +34,11 @@ setup(
         (
             "share/jupyterhub-outpost",
             ["outpost_config.py"]
-            + [
+            + sorted(
                 os.path.join("share", "jupyterhub-outpost", name)
-                for name in sorted(os.listdir(os.path.join(here, "share", "jupyterhub-outpost")))
-            ],
+                for name in os.listdir(os.path.join(here, "share", "jupyterhub-outpost"))
+                if os.path.isfile(os.path.join(here, "share", "jupyterhub-outpost", name))
+            ),
         ),
     ],
     python_requires=">=3.9",
