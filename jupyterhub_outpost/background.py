@@ -70,8 +70,16 @@ class BackgroundWork(LoggingConfigurable):
             return
         manager = self.app.server_manager
         await manager.cleanup_interrupted(self.app.pending_timeout)
-        await self.enforce_runtimes()
-        await self.housekeeping()
+        # renewed between the parts, so that a long round keeps the lease
+        if await self.renew():
+            await self.enforce_runtimes()
+        if await self.renew():
+            await self.housekeeping()
+
+    async def renew(self):
+        """Renew the lease; False (and stop this round) if another process took it"""
+        self.holds_lease = await self.app.db.acquire_lease(LEASE, self.owner, self.app.lease_ttl)
+        return self.holds_lease
 
     async def enforce_runtimes(self):
         """Warn servers whose runtime ends soon; stop those whose runtime ended"""

@@ -34,7 +34,7 @@ from .errors import (
 )
 from .log import secrets
 from .objects import OutpostDB, OutpostHub, OutpostORMSpawner, OutpostUser
-from .utils import as_utc, format_service_address, isoformat
+from .utils import as_utc, format_service_address, isoformat, wait_until
 
 # Spawner attributes a start request may never set: they connect the
 # Spawner to the Outpost, or carry credentials.
@@ -55,6 +55,9 @@ OUTPOST_SIDE_ENV = (
     "JUPYTERHUB_SSL_CERTFILE",
     "JUPYTERHUB_SSL_CLIENT_CA",
 )
+
+# seconds a stop waits for another process that is stopping the same server
+OTHER_STOP_WAIT = 15
 
 SECRET_ENV_KEYS = ("JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN", "JUPYTERHUB_FLAVORS_UPDATE_TOKEN")
 
@@ -112,6 +115,7 @@ class ServerManager(LoggingConfigurable):
         self.active = {}  # key -> ManagedServer held by this process
         self._restoring = {}  # key -> Future[ManagedServer]
         self._stopping = {}  # key -> Task
+        self._claimed = set()  # ids of servers whose stop this process began
         self._background = set()
 
     # building spawners
@@ -456,16 +460,20 @@ class ServerManager(LoggingConfigurable):
             return {}
         return {"logs": await asyncio.shield(task)}
 
-    async def _run_stop(self, record, collect_logs):
+    async def _run_stop(self, record, collect_logs, force=False):
         managed = self.active.get(record.key)
         if managed is not None and managed.starting:
             managed.start_task.cancel()
             await asyncio.wait([managed.start_task])
             return []
-        if record.start_pending:
+        if record.start_pending and not force:
             # started by another process, or interrupted by a restart
             raise ServerBusyError("The server is still starting; try again later")
-        await self.db.claim_stop(record.id)
+        claimed = await self.db.claim_stop(record.id)
+        if not (claimed or force or record.id in self._claimed):
+            await self._wait_for_other_stop(record)
+            return []
+        self._claimed.add(record.id)
         managed = await self._managed(record)
         logs = await self._logs(managed) if collect_logs else []
         try:
@@ -476,8 +484,23 @@ class ServerManager(LoggingConfigurable):
         await maybe_future(managed.spawner.run_post_stop_hook())
         managed.spawner.clear_state()
         await self._forget(managed)
+        self._claimed.discard(record.id)
         self.log.info("%s - stopped", managed.log_name)
         return logs
+
+    async def _wait_for_other_stop(self, record):
+        """Another process is stopping this server: wait until it is forgotten"""
+
+        async def forgotten():
+            return await self.db.get_server(*record.key) is None
+
+        try:
+            await wait_until(forgotten, timeout=OTHER_STOP_WAIT, message="the other stop")
+        except TimeoutError:
+            raise ServerBusyError(
+                "Another Outpost process is stopping this server; try again later"
+            ) from None
+        self.active.pop(record.key, None)
 
     # listing and housekeeping
 
@@ -504,7 +527,7 @@ class ServerManager(LoggingConfigurable):
                 if record.start_pending:
                     await self._discard_failed_start(managed)
                 else:
-                    await self._run_stop(record, False)
+                    await self._run_stop(record, False, force=True)
             except Exception as e:
                 self.log.error("%s/%s/%s - cleanup failed: %s", *record.key, _describe(e))
 
