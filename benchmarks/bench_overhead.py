@@ -23,27 +23,30 @@ See benchmarks/README.md for what each figure means.
 
 import argparse
 import asyncio
-import base64
-import json
-import math
 import os
 import re
-import secrets
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 
-from cryptography.fernet import Fernet
 from tornado import web
 from tornado.httpserver import HTTPServer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HUBS = {"bench": "bench-password-1", "bench-events": "bench-password-2"}
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+from _common import (
+    Driver,
+    HTTPPool,
+    Meter,
+    Outpost,
+    f1,
+    f2,
+    free_port,
+    ms,
+    pct,
+    print_table,
+    proc_cpu_seconds,
+    proc_status,
+    start_body,
+)
 
 CONFIG = """\
 c.JupyterHubOutpost.spawner_class = "benchmarks.noop_spawner.NoopSpawner"
@@ -58,164 +61,7 @@ c.Spawner.start_timeout = 60
 
 
 # --------------------------------------------------------------------------
-# a minimal keep-alive HTTP/1.1 client on asyncio streams
-
-
-class HTTPPool:
-    """At most ``size`` requests in flight, each on a reused connection"""
-
-    def __init__(self, host, port, size):
-        self.host = host
-        self.port = port
-        self.idle = []
-        self.slots = asyncio.Semaphore(size)
-
-    async def request(self, method, path, hub=None, body=None, headers=None, timeout=60):
-        """Send one request; return ``(status, body_bytes)``"""
-        payload = b"" if body is None else json.dumps(body).encode()
-        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}",
-                 "Accept: application/json", f"Content-Length: {len(payload)}"]
-        if body is not None:
-            lines.append("Content-Type: application/json")
-        if hub is not None:
-            token = base64.b64encode(f"{hub}:{HUBS[hub]}".encode()).decode()
-            lines.append(f"Authorization: Basic {token}")
-        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-        raw = ("\r\n".join(lines) + "\r\n\r\n").encode() + payload
-        async with self.slots:
-            return await asyncio.wait_for(self._send(raw), timeout)
-
-    async def _send(self, raw):
-        for attempt in (0, 1):
-            reused = bool(self.idle)
-            reader, writer = self.idle.pop() if reused else await asyncio.open_connection(
-                self.host, self.port
-            )
-            try:
-                writer.write(raw)
-                status, data, keep = await _read_response(reader)
-            except (ConnectionError, asyncio.IncompleteReadError):
-                writer.close()
-                if reused and attempt == 0:
-                    continue  # the server closed an idle connection: retry once
-                raise
-            except BaseException:
-                writer.close()
-                raise
-            if keep:
-                self.idle.append((reader, writer))
-            else:
-                writer.close()
-            return status, data
-
-    def close(self):
-        for _, writer in self.idle:
-            writer.close()
-        self.idle = []
-
-
-async def _read_response(reader):
-    head = await reader.readuntil(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin1").split("\r\n")
-    status = int(status_line.split(" ", 2)[1])
-    headers = {}
-    for line in header_lines:
-        if ":" in line:
-            k, v = line.split(":", 1)
-            headers[k.strip().lower()] = v.strip()
-    if headers.get("transfer-encoding", "").lower() == "chunked":
-        data = b""
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            chunk = await reader.readexactly(size + 2)
-            if size == 0:
-                break
-            data += chunk[:-2]
-    else:
-        data = await reader.readexactly(int(headers.get("content-length", "0")))
-    keep = headers.get("connection", "").lower() != "close"
-    return status, data, keep
-
-
-# --------------------------------------------------------------------------
-# figures
-
-
-def pct(values, p):
-    """Nearest-rank percentile (p in 0..100) of a list; nan when empty"""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
-
-
-def proc_cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # fields[0] is field 3 (state): utime is field 14, stime field 15
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def proc_status(pid):
-    values = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            values[key] = value.strip()
-    return values
-
-
-def machine_busy_seconds():
-    """CPU seconds all processes of this machine have used (from /proc/stat)"""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / CLK_TCK
-
-
-class Meter:
-    """Wall time and CPU use of the Outpost, of this client, and of the rest
-    of the machine (other processes compete for the same cores)"""
-
-    def __init__(self, pid):
-        self.pid = pid
-
-    def _sample(self):
-        return (time.perf_counter(), proc_cpu_seconds(self.pid), time.process_time(),
-                machine_busy_seconds())  # fmt: skip
-
-    def __enter__(self):
-        self._begin = self._sample()
-        return self
-
-    def __exit__(self, *exc):
-        end = self._sample()
-        self.wall, self.server_cpu, self.client_cpu, machine = (
-            b - a for a, b in zip(self._begin, end)
-        )
-        self.other_cpu = max(0.0, machine - self.server_cpu - self.client_cpu)
-
-    @property
-    def server_pct(self):
-        return 100 * self.server_cpu / self.wall
-
-    @property
-    def client_pct(self):
-        return 100 * self.client_cpu / self.wall
-
-    @property
-    def other_pct(self):
-        return 100 * self.other_cpu / self.wall
-
-
-# --------------------------------------------------------------------------
-# the Outpost process and a fake hub for progress events
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# a fake hub for progress events
 
 
 class FakeHubHandler(web.RequestHandler):
@@ -233,154 +79,17 @@ def start_fake_hub():
     return server, port, counter
 
 
-class Outpost:
-    def __init__(self, workdir):
-        self.workdir = workdir
-        self.port = free_port()
-        self.log_path = os.path.join(workdir, "outpost.log")
-        config_path = os.path.join(workdir, "outpost_config.py")
-        with open(config_path, "w") as f:
-            f.write(CONFIG.format(workdir=workdir))
-        env = dict(os.environ)
-        env["OUTPOST_HUB_CREDENTIALS"] = json.dumps(HUBS)
-        env["OUTPOST_CRYPT_KEY"] = Fernet.generate_key().decode()
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
-        self.log_file = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyterhub_outpost", "-f", config_path,
-             "--ip", "127.0.0.1", "--port", str(self.port)],
-            cwd=workdir, env=env, stdout=self.log_file, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        self.pid = self.proc.pid
+class Bench(Driver):
+    """The phases of this benchmark, on top of the shared start/poll/stop calls"""
 
-    async def wait_ready(self, pool, timeout=30):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the Outpost exited with {self.proc.returncode}:\n{self.log_text()}")
-            try:
-                status, _ = await pool.request("GET", "/ping", timeout=2)
-                if status == 200:
-                    return
-            except (OSError, asyncio.TimeoutError):
-                pass
-            await asyncio.sleep(0.1)
-        raise TimeoutError(f"the Outpost did not answer /ping within {timeout}s")
-
-    def terminate(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log_file.close()
-
-    def log_text(self):
-        with open(self.log_path, encoding="utf8", errors="replace") as f:
-            return f.read()
-
-
-# --------------------------------------------------------------------------
-# requests
-
-
-def start_body(hub, name, delay, hub_port):
-    """A start request shaped like the OutpostSpawner's"""
-    start_id = uuid.uuid4().hex
-    api = f"http://127.0.0.1:{hub_port}/hub/api"
-    token = secrets.token_hex(16)
-    env = {
-        "JUPYTERHUB_API_TOKEN": token,
-        "JPY_API_TOKEN": token,
-        "JUPYTERHUB_API_URL": api,
-        "JUPYTERHUB_USER": "bench",
-        "JUPYTERHUB_USER_ID": "1",
-        "JUPYTERHUB_SERVER_NAME": name,
-        "JUPYTERHUB_SERVICE_PREFIX": f"/user/bench/{name}/",
-        "JUPYTERHUB_ACTIVITY_URL": f"{api}/users/bench/activity",
-        "JUPYTERHUB_EVENTS_URL": f"{api}/users/progress/events/bench/{name}",
-        "JUPYTERHUB_SETUPTUNNEL_URL": f"{api}/users/setuptunnel/bench/{name}",
-        "JUPYTERHUB_SERVICE_URL": f"http://0.0.0.0:8888/user/bench/{name}/",
-    }
-    if hub == "bench-events":
-        env["JUPYTERHUB_FLAVORS_UPDATE_URL"] = f"{api}/outpostflavors/bench"
-        env["JUPYTERHUB_FLAVORS_UPDATE_TOKEN"] = secrets.token_hex(16)
-    body = {
-        "name": name,
-        "env": env,
-        "user_options": {"start_id": start_id},
-        "misc": {"start_delay": delay, "port": 0},
-        "certs": {},
-        "internal_trust_bundles": {},
-    }
-    return body, start_id
-
-
-class Bench:
     def __init__(self, args, outpost, pool, hub_port):
+        super().__init__(outpost, pool, hub_port)
         self.args = args
-        self.outpost = outpost
-        self.pool = pool
-        self.hub_port = hub_port
-        self.counter = 0
-        self.errors = {}
 
-    def new_name(self):
-        self.counter += 1
-        return f"s{self.counter}"
-
-    def error(self, what, status):
-        key = f"{what} {status}"
-        self.errors[key] = self.errors.get(key, 0) + 1
-
-    async def start(self, hub, delay):
-        """One start; returns (latency s, name, start_id) or None on failure"""
-        name = self.new_name()
-        body, start_id = start_body(hub, name, delay, self.hub_port)
-        began = time.perf_counter()
-        status, data = await self.pool.request("POST", "/services/", hub=hub, body=body)
-        latency = time.perf_counter() - began
-        if status != 200:
-            self.error("start", status)
-            return None
-        return latency, name, start_id
-
-    async def stop(self, hub, name, start_id):
-        began = time.perf_counter()
-        status, _ = await self.pool.request("DELETE", f"/services/{name}/{start_id}", hub=hub)
-        if status not in (200, 404):
-            self.error("stop", status)
-        return time.perf_counter() - began
-
-    async def run_for(self, seconds, concurrency, one_request):
-        """Call ``one_request(i)`` from ``concurrency`` loops for ``seconds``; return latencies"""
-        latencies = []
-        deadline = time.perf_counter() + seconds
-
-        async def loop(worker):
-            i = worker
-            while time.perf_counter() < deadline:
-                began = time.perf_counter()
-                if await one_request(i):
-                    latencies.append(time.perf_counter() - began)
-                i += concurrency
-
-        await asyncio.gather(*(loop(w) for w in range(concurrency)))
-        return latencies
-
-    # phases
-
-    async def ping(self):
-        async def one(i):
-            status, _ = await self.pool.request("GET", "/ping")
-            if status != 200:
-                self.error("ping", status)
-            return status == 200
-
+    async def ping_run(self):
         with Meter(self.outpost.pid) as meter:
-            latencies = await self.run_for(self.args.ping_seconds, self.args.concurrency, one)
+            latencies = await self.run_for(self.args.ping_seconds, self.args.concurrency,
+                                           lambda i: self.ping())  # fmt: skip
         return latencies, meter
 
     async def start_overhead(self, hub, delay, n):
@@ -395,28 +104,9 @@ class Bench:
             results.append((start_id, latency, stop_latency))
         return results
 
-    async def start_many(self, n, delay, hub="bench"):
-        """``n`` starts, ``concurrency`` at a time; returns [(name, start_id)]"""
-        servers = []
-        todo = iter(range(n))
-
-        async def worker():
-            for _ in todo:
-                result = await self.start(hub, delay)
-                if result is not None:
-                    servers.append(result[1:])
-
-        await asyncio.gather(*(worker() for _ in range(self.args.concurrency)))
-        return servers
-
     async def poll_for(self, servers, seconds):
         async def one(i):
-            name, start_id = servers[i % len(servers)]
-            status, data = await self.pool.request("GET", f"/services/{name}/{start_id}", hub="bench")
-            ok = status == 200 and json.loads(data) == {"status": None}
-            if not ok:
-                self.error("poll", status)
-            return ok
+            return await self.poll(*servers[i % len(servers)])
 
         with Meter(self.outpost.pid) as meter:
             latencies = await self.run_for(seconds, self.args.concurrency, one)
@@ -449,33 +139,9 @@ class Bench:
         latencies, meter = await self.poll_for(servers, args.poll_seconds)
         stop_flag.set()
         # stop them all, which cancels the starts still in flight
-        await self.stop_all(slow_servers)
+        await self.stop_all(slow_servers, args.concurrency)
         await asyncio.wait(workers, timeout=args.slow_delay + 5)
         return latencies, meter, slow_latencies
-
-    async def stop_all(self, servers, hub="bench"):
-        todo = iter(list(servers))
-
-        async def worker():
-            for name, start_id in todo:
-                await self.stop(hub, name, start_id)
-
-        await asyncio.gather(*(worker() for _ in range(self.args.concurrency)))
-
-    async def cleanup(self):
-        """Stop whatever is still listed; return how many servers are left"""
-        left = 0
-        for hub in HUBS:
-            for attempt in range(3):
-                status, data = await self.pool.request("GET", "/services", hub=hub)
-                listed = json.loads(data) if status == 200 else []
-                if not listed:
-                    break
-                await self.stop_all([(s["name"], s["start_id"]) for s in listed], hub=hub)
-                await asyncio.sleep(0.5)
-            status, data = await self.pool.request("GET", "/services", hub=hub)
-            left += len(json.loads(data)) if status == 200 else 0
-        return left
 
 
 def spawner_start_ms(log_text):
@@ -486,43 +152,17 @@ def spawner_start_ms(log_text):
     }
 
 
-def ms(seconds):
-    return 1000 * seconds
-
-
-# --------------------------------------------------------------------------
-# report
-
-
-def print_table(title, header, rows):
-    print(f"\n{title}")
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = "  ".join(f"{h:>{w}}" if i else f"{h:<{w}}" for i, (h, w) in enumerate(zip(header, widths)))
-    print(line)
-    print("-" * len(line))
-    for row in rows:
-        print("  ".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(row, widths))))
-
-
-def f1(x):
-    return "nan" if x != x else f"{x:.1f}"
-
-
-def f2(x):
-    return "nan" if x != x else f"{x:.2f}"
-
-
 async def main(args):
     began = time.perf_counter()
     fake_hub, hub_port, hub_posts = start_fake_hub()
     with tempfile.TemporaryDirectory(prefix="outpost-bench-") as workdir:
-        outpost = Outpost(workdir)
+        outpost = Outpost(workdir, CONFIG.format(workdir=workdir))
         pool = HTTPPool("127.0.0.1", outpost.port, args.concurrency + args.slow + 4)
         bench = Bench(args, outpost, pool, hub_port)
         try:
             await outpost.wait_ready(pool)
             await asyncio.wait_for(run(bench, args, hub_posts), args.deadline)
-            left = await bench.cleanup()
+            left = await bench.cleanup(args.concurrency)
             print(f"\nservers left after cleanup: {left}")
             status = proc_status(outpost.pid)
             cpu = proc_cpu_seconds(outpost.pid)
@@ -554,8 +194,8 @@ async def run(bench, args, hub_posts):
           f"load average {open('/proc/loadavg').read().split()[0]}")  # fmt: skip
 
     # 0. the floor: /ping through the same client (after a warm-up)
-    await bench.run_for(1, args.concurrency, lambda i: bench.pool.request("GET", "/ping"))
-    ping_lat, ping_meter = await bench.ping()
+    await bench.run_for(1, args.concurrency, lambda i: bench.ping())
+    ping_lat, ping_meter = await bench.ping_run()
     ping_rate = len(ping_lat) / ping_meter.wall
 
     # 1. start overhead, sequential; the three runs take turns, so that
@@ -592,7 +232,7 @@ async def run(bench, args, hub_posts):
 
     # 2. polls with many running servers
     with Meter(bench.outpost.pid) as start_meter:
-        servers = await bench.start_many(args.servers, 0.0)
+        servers, _ = await bench.start_many(args.servers, 0.0, args.concurrency)
     print(f"\nstarted {len(servers)} servers in {start_meter.wall:.1f} s "
           f"({len(servers) / start_meter.wall:.0f} starts/s at concurrency {args.concurrency})")  # fmt: skip
     idle_lat, idle_meter = await bench.poll_for(servers, args.poll_seconds)
