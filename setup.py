@@ -61,6 +61,7 @@ setup(
             "jsonschema",
             "schemathesis>=4",
             "jupyterhub-outpostspawner==2.2.13",
+            "psycopg[binary]>=3.1",
         ],
         "postgres": ["psycopg[binary]>=3.1"],
     },

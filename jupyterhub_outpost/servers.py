@@ -292,7 +292,12 @@ class ServerManager(LoggingConfigurable):
         finally:
             spawner._spawn_pending = False
             if forwarder is not None and not forwarder.done():
-                forwarder.cancel()
+                # start_future is done, so the forwarder ends by itself; cancelled
+                # while iterate_until waits, it would orphan a pending __anext__()
+                # task ("Task exception was never retrieved: StopAsyncIteration")
+                await asyncio.wait([forwarder], timeout=1)
+                if not forwarder.done():
+                    forwarder.cancel()
 
     async def _end_start_future(self, managed, start_future, timeout=10):
         """Cancel a ``Spawner.start()`` still running and wait until it ended.

@@ -13,7 +13,15 @@ from traitlets.config import Config
 from jupyterhub_outpost.app import JupyterHubOutpost
 
 from .mocking import FakeHubAPI
-from .utils import HUB_CREDENTIALS, OutpostProcess, kill_servers_of
+from .utils import (
+    HUB_CREDENTIALS,
+    ON_POSTGRES,
+    OutpostProcess,
+    drop_databases,
+    kill_servers_of,
+    new_db_url,
+    test_databases,
+)
 
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -99,9 +107,7 @@ def outpost_config(workdir, spawner_cmd=None, **overrides):
     """
     cfg = Config()
     cfg.JupyterHubOutpost.config_file = ""
-    cfg.JupyterHubOutpost.db_url = os.environ.get(
-        "OUTPOST_TEST_DB_URL", f"sqlite:///{workdir}/outpost.sqlite"
-    )
+    cfg.JupyterHubOutpost.db_url = new_db_url(workdir)
     cfg.JupyterHubOutpost.ip = "127.0.0.1"
     cfg.JupyterHubOutpost.port = 0
     cfg.JupyterHubOutpost.hub_credentials = dict(HUB_CREDENTIALS)
@@ -150,6 +156,25 @@ async def app(tmp_path_factory, fake_hub):
     yield outpost
     await stop_all_servers(outpost)
     await outpost.shutdown()
+    if ON_POSTGRES:
+        drop_databases([outpost.db_url])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_leftover_databases():
+    """Drop the PostgreSQL databases module fixtures made"""
+    yield
+    if ON_POSTGRES:
+        drop_databases(test_databases.values())
+
+
+@pytest.fixture(autouse=True)
+def _drop_test_databases():
+    """Drop the PostgreSQL databases a test made (after its processes ended)"""
+    before = set(test_databases.values())
+    yield
+    if ON_POSTGRES:
+        drop_databases(set(test_databases.values()) - before)
 
 
 @pytest.fixture(autouse=True)

@@ -24,7 +24,17 @@ from jupyterhub_outpost import crypto, dbutil, orm
 from jupyterhub_outpost._version import __version__
 from jupyterhub_outpost.app import JupyterHubOutpost
 
-from .utils import HUB_CREDENTIALS, OutpostProcess, api_request, free_port, json_of
+from .utils import (
+    HUB_CREDENTIALS,
+    OutpostProcess,
+    api_request,
+    free_port,
+    json_of,
+    new_db_url,
+    sqlite_only,
+)
+
+SCHEMA_FILE_TESTS = sqlite_only("copies a SQLite file and checks the backup made before upgrades")
 
 SCRIPT = shutil.which("jupyterhub-outpost", path=os.path.dirname(sys.executable)) or shutil.which(
     "jupyterhub-outpost"
@@ -254,7 +264,7 @@ async def test_base_url_prefixes_every_endpoint(tmp_path, launch):
     port = free_port()
     config = write_config(tmp_path / "outpost_config.py", f"""
 c.JupyterHubOutpost.base_url = "/outpost/"
-c.JupyterHubOutpost.db_url = "sqlite:///{tmp_path}/outpost.sqlite"
+c.JupyterHubOutpost.db_url = "{new_db_url(tmp_path)}"
 """)  # fmt: skip
     env = clean_env(OUTPOST_HUB_CREDENTIALS=json.dumps(HUB_CREDENTIALS))
     outpost = launch(tmp_path, "-f", config, "--ip=127.0.0.1", f"--port={port}",
@@ -284,16 +294,16 @@ async def test_hub_credentials_from_environment_and_file(tmp_path, launch):
     creds_file = file_dir / "credentials.json"
     creds_file.write_text(json.dumps({"file-hub": "file-hub-password"}))
     creds_file.chmod(0o600)
-    db_config = 'c.JupyterHubOutpost.db_url = "sqlite:///{}/outpost.sqlite"\n'
+    db_config = 'c.JupyterHubOutpost.db_url = "{}"\n'
     env_port, file_port = free_port(), free_port()
     # both start at once; then wait for both
     from_env = launch(
-        env_dir, "-f", write_config(env_dir / "cfg.py", db_config.format(env_dir)),
+        env_dir, "-f", write_config(env_dir / "cfg.py", db_config.format(new_db_url(env_dir))),
         "--ip=127.0.0.1", f"--port={env_port}", port=env_port, wait=False,
         env=clean_env(OUTPOST_HUB_CREDENTIALS=json.dumps({"env-hub": "env-hub-password"})),
     )  # fmt: skip
     from_file = launch(
-        file_dir, "-f", write_config(file_dir / "cfg.py", db_config.format(file_dir)),
+        file_dir, "-f", write_config(file_dir / "cfg.py", db_config.format(new_db_url(file_dir))),
         "--ip=127.0.0.1", f"--port={file_port}", port=file_port, wait=False,
         env=clean_env(OUTPOST_HUB_CREDENTIALS_FILE=str(creds_file)),
     )  # fmt: skip
@@ -408,6 +418,7 @@ async def assert_record_readable(url):
     assert record.state == {"pid": 0}
 
 
+@SCHEMA_FILE_TESTS
 async def test_database_at_head_is_left_alone(db_copy):
     path, url = db_copy
     assert revision_of(path) == dbutil.head_revision() == HEAD_REVISION
@@ -421,6 +432,7 @@ async def test_database_at_head_is_left_alone(db_copy):
     assert STORED_TOKEN.encode() not in before
 
 
+@SCHEMA_FILE_TESTS
 async def test_upgrade_db_command_on_an_existing_database(db_copy, tmp_path):
     path, url = db_copy
     config = write_config(tmp_path / "cfg.py", f'c.JupyterHubOutpost.db_url = "{url}"\n')
@@ -443,6 +455,7 @@ async def test_upgrade_db_command_on_an_existing_database(db_copy, tmp_path):
     await assert_record_readable(url)
 
 
+@SCHEMA_FILE_TESTS
 @pytest.mark.parametrize(
     "damage, message",
     [
@@ -497,6 +510,7 @@ def newer_alembic(tmp_path, monkeypatch):
     return "b7e57e57e57e"
 
 
+@SCHEMA_FILE_TESTS
 async def test_older_revision_is_upgraded_after_a_backup(db_copy, newer_alembic, caplog):
     path, url = db_copy
     log = logging.getLogger("test-dbutil")

@@ -10,7 +10,6 @@ the hub is :class:`~tests.mocking.FakeHubAPI`.
 import asyncio
 import secrets
 import socket
-import sqlite3
 import time
 
 import pytest
@@ -22,9 +21,11 @@ from .utils import (
     api_request,
     free_port,
     json_of,
+    new_db_url,
     pid_alive,
     pids_with_env,
     process_config,
+    query_db,
     start_body,
     tokens_of,
     wait_until,
@@ -142,10 +143,9 @@ async def test_runtime_end_is_warned_once_then_the_server_is_stopped(tmp_path, f
 TAKING_OVER = "Taking over the background work"
 
 
-def lease_owner(db_path):
-    with sqlite3.connect(db_path) as conn:
-        row = conn.execute("SELECT owner FROM leases WHERE name = 'background'").fetchone()
-    return row and row[0]
+def lease_owner(db_url):
+    rows = query_db(db_url, "SELECT owner FROM leases WHERE name = 'background'")
+    return rows and rows[0][0]
 
 
 @pytest.mark.slow
@@ -168,7 +168,8 @@ async def test_one_process_does_background_work_and_another_takes_over(
 
     [holder] = await wait_until(holders, timeout=10, message="a process taking over")
     [survivor] = [p for p in (one, two) if p is not holder]
-    owner = lease_owner(db_path)
+    shared_db_url = new_db_url(tmp_path, "shared.sqlite")  # process_config's database
+    owner = lease_owner(shared_db_url)
     assert owner.startswith(f"{socket.gethostname()}-{holder.proc.pid}-"), owner
 
     # a server with a short runtime, started by the process that will die
@@ -184,7 +185,7 @@ async def test_one_process_does_background_work_and_another_takes_over(
     # the survivor takes over once the lease expired, and ends the runtime
     await wait_until(lambda: TAKING_OVER in survivor.log_text(), timeout=15,
                      message="the survivor taking over")  # fmt: skip
-    assert lease_owner(db_path).startswith(f"{socket.gethostname()}-{survivor.proc.pid}-")
+    assert lease_owner(shared_db_url).startswith(f"{socket.gethostname()}-{survivor.proc.pid}-")
     await wait_until(lambda: not pid_alive(pid), timeout=20, message="the end of runtime")
     await wait_forgotten(survivor, body)
     log = survivor.log_text()

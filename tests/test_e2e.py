@@ -17,6 +17,7 @@ from .utils import (
     OutpostProcess,
     api_request,
     json_of,
+    new_db_url,
     wait_until,
 )
 
@@ -31,7 +32,7 @@ pytestmark = [
 
 OUTPOST_CONFIG = """
 c = get_config()  # noqa
-c.JupyterHubOutpost.db_url = "sqlite:///{workdir}/outpost.sqlite"
+c.JupyterHubOutpost.db_url = "{db_url}"
 c.JupyterHubOutpost.internal_certs_location = "{workdir}/certs"
 c.JupyterHubOutpost.spawner_class = "jupyterhub.spawner.SimpleLocalProcessSpawner"
 c.JupyterHubOutpost.pending_timeout = 30
@@ -51,7 +52,8 @@ c.JupyterHubOutpost.allow_override = allow_override
 @pytest.fixture(scope="module")
 async def outpost(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("e2e-outpost")
-    process = OutpostProcess(workdir, OUTPOST_CONFIG.format(workdir=workdir))
+    config = OUTPOST_CONFIG.format(workdir=workdir, db_url=new_db_url(workdir))
+    process = OutpostProcess(workdir, config)
     process.start("--log-level=DEBUG")
     yield process
     # servers outlive the Outpost by design: stop what a failed test left

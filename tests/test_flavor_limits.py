@@ -194,7 +194,7 @@ async def test_two_processes_on_one_database_share_the_limit(tmp_path, fake_hub,
     responses = await concurrent_starts(targets, bodies)
     succeeded, refused = split(bodies, responses)
     by_process = [sum(r.code == 200 for r in responses[i::2]) for i in (0, 1)]
-    print(f"\nflavor concurrency (two processes, one SQLite database): attempted=20 "
+    print(f"\nflavor concurrency (two processes, one database): attempted=20 "
           f"succeeded={len(succeeded)} limit=5 (by process: {by_process[0]}+{by_process[1]})")
     assert len(succeeded) == 5, [r.code for r in responses]
     assert {refusal(r) for r in refused} == {"Flavor Small: 5 of 5 in use"}

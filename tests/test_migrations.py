@@ -25,11 +25,15 @@ from .utils import (
     pid_alive,
     pids_with_env,
     process_config,
+    sqlite_only,
     start_body,
     tokens_of,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    sqlite_only("the upgrade backs up the SQLite file, and the test writes it with sqlite3"),
+]
 
 FIRST_REVISION = "a1b2c3d4e5f6"
 SPAWNER_CLASS = "jupyterhub.spawner.SimpleLocalProcessSpawner"

@@ -12,14 +12,14 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import checks as st_checks
 
-from .utils import HUB_CREDENTIALS, OutpostProcess, start_body
+from .utils import HUB_CREDENTIALS, OutpostProcess, new_db_url, start_body
 
 FUZZ_EXAMPLES = int(os.environ.get("OUTPOST_FUZZ_EXAMPLES", "100"))
 
 # a cheap real process per start keeps the fuzz run fast
 CONFIG = """
 c = get_config()  # noqa
-c.JupyterHubOutpost.db_url = "sqlite:///{workdir}/outpost.sqlite"
+c.JupyterHubOutpost.db_url = "{db_url}"
 c.JupyterHubOutpost.internal_certs_location = "{workdir}/certs"
 c.JupyterHubOutpost.spawner_class = "jupyterhub.spawner.SimpleLocalProcessSpawner"
 c.JupyterHubOutpost.send_events = False
@@ -40,7 +40,7 @@ c.JupyterHubOutpost.default_flavor = "small"
 @pytest.fixture(scope="module")
 def outpost(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("openapi")
-    process = OutpostProcess(workdir, CONFIG.format(workdir=workdir))
+    process = OutpostProcess(workdir, CONFIG.format(workdir=workdir, db_url=new_db_url(workdir)))
     process.start()
     yield process
     for hub in HUB_CREDENTIALS:

@@ -7,7 +7,6 @@ poll, list and stop the servers the old one started.
 """
 
 import asyncio
-import glob
 import os
 import signal
 
@@ -19,10 +18,12 @@ from .utils import (
     OutpostProcess,
     api_request,
     json_of,
+    new_db_url,
     pid_alive,
     kill_servers_of,
     pids_with_env,
     start_body,
+    stored_bytes,
     tokens_of,
     wait_until,
 )
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.slow
 CONFIG = """
 c = get_config()  # noqa
 c.JupyterHubOutpost.spawner_class = "jupyterhub.spawner.SimpleLocalProcessSpawner"
-c.JupyterHubOutpost.db_url = "sqlite:///{workdir}/outpost.sqlite"
+c.JupyterHubOutpost.db_url = "{db_url}"
 c.JupyterHubOutpost.internal_certs_location = "{workdir}/certs"
 c.SimpleLocalProcessSpawner.home_dir_template = "{workdir}/home-{{username}}"
 c.Spawner.ip = "127.0.0.1"
@@ -57,7 +58,8 @@ def outposts():
     made = []
 
     def make(workdir, **kwargs):
-        process = OutpostProcess(workdir, CONFIG.format(workdir=workdir), **kwargs)
+        config = CONFIG.format(workdir=workdir, db_url=new_db_url(workdir))
+        process = OutpostProcess(workdir, config, **kwargs)
         made.append(process)
         return process
 
@@ -121,17 +123,6 @@ async def stop_and_check_gone(outpost, server):
     assert (await poll(outpost, server)).code == 404
 
 
-def raw_database_bytes(workdir):
-    """The SQLite database with its -wal and -shm files, as bytes"""
-    files = glob.glob(os.path.join(str(workdir), "outpost.sqlite*"))
-    assert any(f.endswith("outpost.sqlite") for f in files), files
-    data = b""
-    for path in files:
-        with open(path, "rb") as f:
-            data += f.read()
-    return data
-
-
 async def test_servers_survive_kill9_and_are_managed_after_restart(
     tmp_path, fake_hub, outposts, singleuser_tokens
 ):
@@ -154,7 +145,7 @@ async def test_servers_survive_kill9_and_are_managed_after_restart(
         assert await server_answers(server["address"], server["prefix"])
 
     # the crash left the records readable, but no token in clear text
-    raw = raw_database_bytes(tmp_path)
+    raw = stored_bytes(new_db_url(tmp_path))  # SQLite: the files
     assert b"crash-one" in raw  # the right file: names are not secret
     for server in servers:
         for token in tokens_of(server["body"]):

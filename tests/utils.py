@@ -11,11 +11,105 @@ import sys
 import time
 import uuid
 
+import pytest
+import sqlalchemy
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from jupyterhub_outpost.utils import wait_until  # noqa: F401
 
 HUB_CREDENTIALS = {"hub-a": "password-of-hub-a", "hub-b": "password-of-hub-b"}
+
+# a postgresql URL: every Outpost of the tests gets a fresh database on that server
+TEST_DB_URL = os.environ.get("OUTPOST_TEST_DB_URL", "")
+ON_POSTGRES = TEST_DB_URL.startswith("postgresql")
+
+
+def sqlite_only(reason):
+    """Mark a test whose behaviour exists for SQLite only (skipped on PostgreSQL)"""
+    return pytest.mark.skipif(ON_POSTGRES, reason=f"SQLite only: {reason}")
+
+# databases made by new_db_url: path they stand for -> URL, in creation order
+test_databases = {}
+
+
+def _admin_connection():
+    """An autocommit psycopg connection to the server of OUTPOST_TEST_DB_URL"""
+    import psycopg
+
+    url = sqlalchemy.make_url(TEST_DB_URL).set(drivername="postgresql")
+    return psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
+
+
+def new_db_url(directory, filename="outpost.sqlite"):
+    """The database of an Outpost whose SQLite file would be ``directory/filename``.
+
+    SQLite (default): that file. With a postgresql ``OUTPOST_TEST_DB_URL``: a
+    new, empty database on that server, the same one for the same path (two
+    processes on one file share one database); :func:`drop_databases` ends it.
+    Another ``OUTPOST_TEST_DB_URL`` is used as it is.
+    """
+    path = os.path.join(str(directory), filename)
+    if not ON_POSTGRES:
+        return TEST_DB_URL or f"sqlite:///{path}"
+    if path not in test_databases:
+        name = f"outpost_test_{uuid.uuid4().hex[:16]}"
+        with _admin_connection() as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        url = sqlalchemy.make_url(TEST_DB_URL).set(database=name)
+        test_databases[path] = url.render_as_string(hide_password=False)
+    return test_databases[path]
+
+
+def drop_databases(urls):
+    """Drop PostgreSQL databases made by :func:`new_db_url` (ending their connections)"""
+    urls = set(urls)
+    if not urls:
+        return
+    with _admin_connection() as conn:
+        for url in urls:
+            name = sqlalchemy.make_url(url).database
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()", (name,)
+            )
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    for path, url in list(test_databases.items()):
+        if url in urls:
+            del test_databases[path]
+
+
+def query_db(db_url, sql):
+    """Rows of one SQL statement on any test database (committed, engine disposed)"""
+    engine = sqlalchemy.create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            return [tuple(row) for row in conn.execute(sqlalchemy.text(sql))]
+    finally:
+        engine.dispose()
+
+
+def stored_bytes(db_url):
+    """What the database keeps on disk, as bytes, to look for secrets in.
+
+    SQLite: the file with its -wal, -shm and -journal files. PostgreSQL: the
+    stored server records (names, encrypted request and state) as the
+    server returns them.
+    """
+    if db_url.startswith("sqlite:///"):
+        path = db_url[len("sqlite:///"):].split("?", 1)[0]
+        assert os.path.exists(path), path
+        data = b""
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            if os.path.exists(path + suffix):
+                with open(path + suffix, "rb") as f:
+                    data += f.read()
+        return data
+    rows = query_db(db_url, "SELECT name, request, state FROM servers")
+    rows += query_db(db_url, "SELECT name, hub_user_id, '' FROM users")
+    return b"".join(
+        value.encode() if isinstance(value, str) else bytes(value or b"")
+        for row in rows for value in row
+    )
 
 
 def basic_auth(hub, password=None):
@@ -130,7 +224,7 @@ def wait_for_port(port, timeout=30):
 PROCESS_CONFIG = """
 c = get_config()  # noqa
 c.JupyterHubOutpost.spawner_class = "jupyterhub.spawner.SimpleLocalProcessSpawner"
-c.JupyterHubOutpost.db_url = "sqlite:///{db_path}"
+c.JupyterHubOutpost.db_url = {db_url!r}
 c.JupyterHubOutpost.internal_certs_location = "{workdir}/certs"
 c.SimpleLocalProcessSpawner.home_dir_template = "{workdir}/home-{{username}}"
 c.Spawner.ip = "127.0.0.1"
@@ -146,16 +240,18 @@ def process_config(workdir, db_path=None, cmd=None, **traits):
     """``outpost_config.py`` text for an :class:`OutpostProcess`.
 
     SimpleLocalProcessSpawner on 127.0.0.1 with the SQLite file ``db_path``
-    (default: ``outpost.sqlite`` in ``workdir``); ``cmd`` replaces
+    (default: ``outpost.sqlite`` in ``workdir``), or the PostgreSQL database
+    :func:`new_db_url` makes for that path; ``cmd`` replaces
     jupyterhub-singleuser (``["sleep", "600"]`` when a real process is all
     a test needs); ``traits`` are more ``JupyterHubOutpost`` settings.
     """
-    db_path = db_path or os.path.join(str(workdir), "outpost.sqlite")
+    db_path = str(db_path or os.path.join(str(workdir), "outpost.sqlite"))
+    db_url = new_db_url(os.path.dirname(db_path), os.path.basename(db_path))
     if cmd is None:
         cmd, args = ["jupyterhub-singleuser"], ["--ServerApp.allow_root=True"]
     else:
         args = []
-    text = PROCESS_CONFIG.format(workdir=workdir, db_path=db_path, cmd=cmd, args=args)
+    text = PROCESS_CONFIG.format(workdir=workdir, db_url=db_url, cmd=cmd, args=args)
     for name, value in traits.items():
         text += f"c.JupyterHubOutpost.{name} = {value!r}\n"
     return text
