@@ -17,13 +17,14 @@ from cryptography.fernet import Fernet
 
 from .conftest import outpost_config, start_outpost, stop_all_servers
 from .utils import (
+    key_of,
+    processes_of,
     HUB_CREDENTIALS,
     api_request,
     free_port,
     json_of,
     new_db_url,
     pid_alive,
-    pids_with_env,
     process_config,
     query_db,
     start_body,
@@ -40,14 +41,6 @@ def new_body(fake_hub, flavor=None, user="rita", user_id=1):
                       user_options={"flavor": flavor} if flavor else None)  # fmt: skip
     fake_hub.tokens.update(tokens_of(body))
     return body
-
-
-def key_of(body):
-    return body["name"], body["user_options"]["start_id"]
-
-
-def processes_of(body):
-    return pids_with_env("JUPYTERHUB_API_TOKEN", body["env"]["JUPYTERHUB_API_TOKEN"])
 
 
 async def started(app, body, hub="hub-a", password=None):

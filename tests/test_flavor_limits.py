@@ -19,10 +19,11 @@ from tornado.httpclient import AsyncHTTPClient
 
 from .conftest import outpost_config, start_outpost, stop_all_servers
 from .utils import (
+    key_of,
+    processes_of,
     api_request,
     json_of,
     pid_alive,
-    pids_with_env,
     process_config,
     start_body,
     tokens_of,
@@ -88,14 +89,6 @@ def new_body(fake_hub, flavor=None, user=None, user_id=None, authentication=None
         body["authentication"] = authentication
     fake_hub.tokens.update(tokens_of(body))
     return body
-
-
-def key_of(body):
-    return body["name"], body["user_options"]["start_id"]
-
-
-def processes_of(body):
-    return pids_with_env("JUPYTERHUB_API_TOKEN", body["env"]["JUPYTERHUB_API_TOKEN"])
 
 
 async def start(app, body, hub="hub-a", **kwargs):

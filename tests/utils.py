@@ -363,3 +363,13 @@ def kill_servers_of(tokens):
             except ProcessLookupError:
                 pass
 
+
+def key_of(body):
+    """(name, start_id) of a start body: the path of its server"""
+    return body["name"], body["user_options"]["start_id"]
+
+
+def processes_of(body):
+    """Pids of the live processes started for a start body"""
+    return pids_with_env("JUPYTERHUB_API_TOKEN", body["env"]["JUPYTERHUB_API_TOKEN"])
+
