@@ -131,11 +131,23 @@ def outpost_config(workdir, spawner_cmd=None, **overrides):
     return cfg
 
 
+# in-process Outposts running now; servers a test leaves on them are stopped
+_running_outposts = []
+
+
 async def start_outpost(cfg):
     outpost = JupyterHubOutpost(config=cfg)
     outpost.initialize([])
     await outpost.start()
+    _running_outposts.append(outpost)
     return outpost
+
+
+async def stop_outpost(outpost):
+    """Stop every server of an in-process Outpost, then the Outpost"""
+    await stop_all_servers(outpost)
+    await outpost.shutdown()
+    _running_outposts.remove(outpost)
 
 
 async def stop_all_servers(outpost):
@@ -154,8 +166,7 @@ async def app(tmp_path_factory, fake_hub):
     outpost = await start_outpost(outpost_config(workdir))
     outpost.workdir = workdir
     yield outpost
-    await stop_all_servers(outpost)
-    await outpost.shutdown()
+    await stop_outpost(outpost)
     if ON_POSTGRES:
         drop_databases([outpost.db_url])
 
@@ -178,11 +189,11 @@ def _drop_test_databases():
 
 
 @pytest.fixture(autouse=True)
-async def _stop_leftover_servers(request):
-    """Stop every server a test left running on the module's Outpost"""
+async def _stop_leftover_servers():
+    """Stop every server a test left running on the in-process Outposts"""
     yield
-    if "app" in request.fixturenames:
-        await stop_all_servers(request.getfixturevalue("app"))
+    for outpost in list(_running_outposts):
+        await stop_all_servers(outpost)
 
 
 @pytest.fixture

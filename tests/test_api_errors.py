@@ -11,7 +11,7 @@ import json
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from .conftest import outpost_config, start_outpost, stop_all_servers
+from .conftest import outpost_config, start_outpost, stop_outpost
 from .utils import (
     api_request,
     base_url_of,
@@ -300,8 +300,7 @@ async def guarded_app(tmp_path_factory, fake_hub):
     outpost = await start_outpost(outpost_config(workdir, allow_override=refuse_cmd))
     outpost.workdir = workdir
     yield outpost
-    await stop_all_servers(outpost)
-    await outpost.shutdown()
+    await stop_outpost(outpost)
 
 
 async def test_refused_override_fails_start_with_419(guarded_app, fake_hub):

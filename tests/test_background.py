@@ -15,7 +15,7 @@ import time
 import pytest
 from cryptography.fernet import Fernet
 
-from .conftest import outpost_config, start_outpost, stop_all_servers
+from .conftest import outpost_config, start_outpost, stop_outpost
 from .utils import (
     key_of,
     processes_of,
@@ -126,8 +126,7 @@ async def test_runtime_end_is_warned_once_then_the_server_is_stopped(tmp_path, f
         await assert_running(app, endless, endless_pid)
         assert runtime_warnings_of(fake_hub, endless) == []
     finally:
-        await stop_all_servers(app)
-        await app.shutdown()
+        await stop_outpost(app)
 
 
 # one process of several does the background work
@@ -252,5 +251,4 @@ async def test_housekeeping_stops_only_what_the_hub_does_not_know(tmp_path, fake
         await assert_running(app, lonely, lonely_pid, *HUB_C)  # its hub unreachable
     finally:
         fake_hub.list_status, fake_hub.server_list = 200, []
-        await stop_all_servers(app)
-        await app.shutdown()
+        await stop_outpost(app)

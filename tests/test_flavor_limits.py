@@ -17,7 +17,7 @@ import pytest
 from cryptography.fernet import Fernet
 from tornado.httpclient import AsyncHTTPClient
 
-from .conftest import outpost_config, start_outpost, stop_all_servers
+from .conftest import outpost_config, start_outpost, stop_outpost
 from .utils import (
     key_of,
     processes_of,
@@ -65,15 +65,7 @@ async def outpost(tmp_path_factory, fake_hub):
     )  # fmt: skip
     app = await start_outpost(cfg)
     yield app
-    await stop_all_servers(app)
-    await app.shutdown()
-
-
-@pytest.fixture(autouse=True)
-async def _stop_servers_of_the_test(request):
-    yield
-    if "outpost" in request.fixturenames:
-        await stop_all_servers(request.getfixturevalue("outpost"))
+    await stop_outpost(app)
 
 
 _user_ids = itertools.count(1000)
@@ -456,5 +448,4 @@ async def test_flavor_config_file(tmp_path, fake_hub):
             "Flavor 'big' is not available to you; you may use: standard"
         )
     finally:
-        await stop_all_servers(app)
-        await app.shutdown()
+        await stop_outpost(app)

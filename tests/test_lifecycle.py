@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from .conftest import outpost_config, start_outpost, stop_all_servers
+from .conftest import outpost_config, start_outpost, stop_outpost
 from .utils import api_request, json_of, pid_alive, pids_with_env, start_body, wait_until
 
 START_FAILURE_KEYS = {"module", "class", "traceback", "args", "kwargs"}
@@ -280,15 +280,7 @@ async def slow_app(tmp_path_factory, fake_hub):
     )
     outpost.workdir = workdir
     yield outpost
-    await stop_all_servers(outpost)
-    await outpost.shutdown()
-
-
-@pytest.fixture(autouse=True)
-async def _stop_leftovers_of_slow_app(request):
-    yield
-    if "slow_app" in request.fixturenames:
-        await stop_all_servers(request.getfixturevalue("slow_app"))
+    await stop_outpost(outpost)
 
 
 async def test_async_start_answers_at_once_then_runs(slow_app, fake_hub):

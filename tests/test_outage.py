@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from .conftest import outpost_config, start_outpost, stop_all_servers
+from .conftest import outpost_config, start_outpost, stop_outpost
 from .utils import (
     ON_POSTGRES,
     api_request,
@@ -53,8 +53,7 @@ async def outpost(tmp_path, fake_hub):
     outpost.test_tokens = tokens
     yield outpost
     await asyncio.to_thread(ensure_cluster_running)
-    await stop_all_servers(outpost)
-    await outpost.shutdown()
+    await stop_outpost(outpost)
     kill_servers_of(tokens)
 
 
