@@ -18,6 +18,7 @@ from .utils import (
     api_request,
     json_of,
     new_db_url,
+    pids_with_env,
     wait_until,
 )
 
@@ -163,29 +164,22 @@ async def test_concurrent_starts_are_ready_and_usable(hub, outpost):
     await wait_until(lambda: flavor_updates(hub) >= updates + 3, timeout=20, message="usage")
 
 
-def singleuser_pids(user, hub=None):
-    """pids of running jupyterhub-singleuser processes of ``user`` (at ``hub``)"""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                environ = f.read().split(b"\0")
-            with open(f"/proc/{entry}/stat") as f:
-                zombie = f.read().split(") ", 1)[1][0] == "Z"
-        except OSError:
-            continue
-        if b"jupyterhub-singleuser" not in cmdline or zombie:
-            continue
-        if f"JUPYTERHUB_USER={user}".encode() not in environ:
-            continue
-        if hub is not None and f"JUPYTERHUB_API_URL={hub.api_url}".encode() not in environ:
-            continue
-        pids.append(int(entry))
-    return pids
+def singleuser_pids(user, hub):
+    """pids of running jupyterhub-singleuser processes of ``user`` at ``hub``"""
+    at_hub = set(pids_with_env("JUPYTERHUB_API_URL", hub.api_url))
+    return [
+        pid
+        for pid in pids_with_env("JUPYTERHUB_USER", user)
+        if pid in at_hub and b"jupyterhub-singleuser" in _cmdline(pid)
+    ]
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 def flavor_updates(hub):
