@@ -170,7 +170,16 @@ class JupyterHubOutpost(Application):
 
     db_workers = Integer(
         0,
-        help="""Threads that run database work. 0 (default): 1 for SQLite, 4 otherwise.""",
+        help="""Threads that write to the database. 0 (default): 1 for SQLite, 4 otherwise.""",
+    ).tag(config=True)
+
+    db_read_workers = Integer(
+        2,
+        help="""Threads that read from the database (polls, listings).
+
+        Separate from the writers, so that polls do not wait behind starts
+        and stops. Each keeps one database connection open.
+        """,
     ).tag(config=True)
 
     spawner_class = EntryPointType(
@@ -629,7 +638,12 @@ class JupyterHubOutpost(Application):
         except dbutil.DatabaseSchemaMismatch as e:
             self.log.critical("%s", e)
             self.exit(1)
-        self.db = orm.Database(self.db_url, self.crypt, workers=self.db_workers or None)
+        self.db = orm.Database(
+            self.db_url,
+            self.crypt,
+            workers=self.db_workers or None,
+            read_workers=self.db_read_workers or None,
+        )
 
     def init_servers(self):
         self.hub_client = HubClient(parent=self)

@@ -1,15 +1,17 @@
 """Database models and the asynchronous :class:`Database` front end.
 
-Every database call runs in a short-lived Session inside a small thread
-pool, so the event loop never waits on the database. Calls return plain
-:class:`ServerRecord` objects, never live ORM instances. Columns that hold
-secrets (spawner state, the stored start request with the hub's API token)
-are encrypted in the same worker thread before they are written.
+Every database call runs in a small pool of threads, so the event loop
+never waits on the database: writes as one Core transaction each, reads on
+their own threads. Calls return plain :class:`ServerRecord` objects or
+tuples, never live ORM instances. Columns that hold secrets (spawner state,
+the stored start request with the hub's API token) are encrypted and
+decrypted in the worker threads, and only when a call needs them.
 """
 
 import asyncio
 import json
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -30,13 +32,14 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    insert,
     or_,
     select,
     update,
 )
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import InterfaceError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .errors import DatabaseUnavailableError, ServerExistsError
 from .utils import utcnow
@@ -207,39 +210,84 @@ _SERVER_BY_KEY = (
 _SERVER_BY_KEY_WITH_SECRETS = _SERVER_BY_KEY.add_columns(Server.state, Server.request)
 
 
+class _Statement:
+    """A Core statement compiled once to the DBAPI's own SQL and parameter style"""
+
+    def __init__(self, statement, dialect):
+        compiled = statement.compile(dialect=dialect)
+        self.sql = str(compiled)
+        self.names = compiled.positiontup if compiled.positional else None
+
+    def params(self, values):
+        if self.names is None:
+            return values
+        return tuple(values[name] for name in self.names)
+
+
+# What a poll needs: one read of the unique key, three narrow columns
+_SERVER_STATUS = select(Server.id, Server.start_pending, Server.stop_pending).where(
+    Server.hub_id == bindparam("hub_id"),
+    Server.name == bindparam("name"),
+    Server.start_id == bindparam("start_id"),
+)
+
+
 class Database:
     """Asynchronous access to the Outpost's tables.
+
+    Writes run in Core transactions on a pool of ``workers`` threads (one for
+    SQLite, which has one writer at a time anyway). Reads run on separate
+    ``read_workers`` threads, so that polls never queue behind writes; the
+    read a poll makes runs as one precompiled statement on a DBAPI
+    connection that each reader thread keeps (autocommit, no pool checkout,
+    no transaction round trips).
 
     Parameters:
         url: SQLAlchemy URL
         crypt: a :class:`~jupyterhub_outpost.crypto.CryptKeeper`
-        workers: threads for database work (1 for SQLite)
+        workers: threads for writes (default: 1 for SQLite, 4 otherwise)
+        read_workers: threads for reads (default 2)
     """
 
-    def __init__(self, url, crypt, workers=None, engine_kwargs=None):
+    def __init__(self, url, crypt, workers=None, read_workers=None, engine_kwargs=None):
         self.url = url
         self.crypt = crypt
-        self.engine = new_engine(url, **(engine_kwargs or {}))
-        self.session_factory = sessionmaker(bind=self.engine, expire_on_commit=False)
+        self.is_sqlite = url.startswith("sqlite")
+        memory = self.is_sqlite and (url in ("sqlite://", "sqlite:///:memory:"))
         if workers is None:
-            workers = 1 if url.startswith("sqlite") else 4
+            workers = 1 if self.is_sqlite else 4
+        read_workers = read_workers or 2
+        engine_kwargs = dict(engine_kwargs or {})
+        if not memory:
+            # every thread may hold a connection at once, reader threads keep theirs
+            engine_kwargs.setdefault("pool_size", workers + 2 * read_workers)
+        self.engine = new_engine(url, **engine_kwargs)
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix="outpost-db")
+        # an in-memory database exists once per connection: one thread for all
+        self.read_executor = (
+            self.executor
+            if memory
+            else ThreadPoolExecutor(read_workers, thread_name_prefix="outpost-db-read")
+        )
+        dbapi = self.engine.dialect.loaded_dbapi
+        self._connection_errors = (dbapi.OperationalError, dbapi.InterfaceError)
+        self._local = threading.local()
+        self._readers = set()
+        self._readers_lock = threading.Lock()
+        self._status = _Statement(_SERVER_STATUS, self.engine.dialect)
         self._hub_ids = {}
+        self._user_ids = {}  # (hub id, hub's user id) -> (user id, name)
 
     async def _run(self, fn, *args):
-        """Run ``fn(session, *args)`` in a worker thread, in one transaction"""
+        """Run ``fn(connection, *args)`` in a writer thread, in one transaction"""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, partial(self._call, fn, *args))
 
     async def _read(self, fn, *args):
-        """Run ``fn(connection, *args)`` in a worker thread: reads only.
-
-        A Core connection costs about half of an ORM session per call; polls
-        are the most frequent requests.
-        """
+        """Run ``fn(connection, *args)`` in a reader thread: reads only"""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self.executor, partial(self._call, fn, *args, read_only=True)
+            self.read_executor, partial(self._call, fn, *args, read_only=True)
         )
 
     def _call(self, fn, *args, read_only=False):
@@ -247,16 +295,58 @@ class Database:
             if read_only:
                 with self.engine.connect() as connection:
                     return fn(connection, *args)
-            with self.session_factory() as session, session.begin():
-                return fn(session, *args)
+            with self.engine.begin() as connection:
+                return fn(connection, *args)
         except (OperationalError, InterfaceError) as e:
-            log.error("Database error: %s", e.__class__.__name__)
-            raise DatabaseUnavailableError(
-                "The database is not reachable right now; try again later"
-            ) from e
+            raise _unavailable(e) from e
+
+    # the hot read path: a DBAPI connection per reader thread
+
+    def _reader(self):
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self.engine.raw_connection()
+            if not self.is_sqlite:
+                # one statement, one round trip: no BEGIN/ROLLBACK around reads
+                connection.rollback()
+                connection.driver_connection.autocommit = True
+            with self._readers_lock:
+                self._readers.add(connection)
+            self._local.connection = connection
+        return connection
+
+    def _drop_reader(self):
+        connection = self._local.__dict__.pop("connection", None)
+        if connection is not None:
+            with self._readers_lock:
+                self._readers.discard(connection)
+            connection.invalidate()
+
+    def _fetch_one(self, statement, values):
+        """One row of a precompiled statement; reconnects once after a lost connection"""
+        for attempt in (1, 2):
+            try:
+                cursor = self._reader().cursor()
+                try:
+                    cursor.execute(statement.sql, statement.params(values))
+                    return cursor.fetchone()
+                finally:
+                    cursor.close()
+            except self._connection_errors as e:
+                self._drop_reader()
+                if attempt == 2:
+                    raise _unavailable(e) from e
+            except (OperationalError, InterfaceError) as e:  # from connecting
+                self._drop_reader()
+                raise _unavailable(e) from e
 
     def close(self):
         self.executor.shutdown(wait=True)
+        self.read_executor.shutdown(wait=True)
+        with self._readers_lock:
+            readers, self._readers = self._readers, set()
+        for connection in readers:
+            connection.invalidate()
         self.engine.dispose()
 
     # encryption helpers (run in the worker thread)
@@ -278,79 +368,116 @@ class Database:
             self._hub_ids[name] = await self._run(self._ensure_hub, name)
         return self._hub_ids[name]
 
-    def _ensure_hub(self, session, name):
-        hub_id = session.scalar(select(Hub.id).where(Hub.name == name))
+    def _ensure_hub(self, connection, name):
+        query = select(Hub.id).where(Hub.name == name)
+        hub_id = connection.scalar(query)
         if hub_id is None:
             try:
-                with session.begin_nested():
-                    hub = Hub(name=name)
-                    session.add(hub)
-                hub_id = hub.id
-            except IntegrityError:
-                hub_id = session.scalar(select(Hub.id).where(Hub.name == name))
+                with connection.begin_nested():
+                    result = connection.execute(insert(Hub).values(name=name))
+                    hub_id = result.inserted_primary_key[0]
+            except IntegrityError:  # created by another process meanwhile
+                hub_id = connection.scalar(query)
         return hub_id
 
     # servers
     async def add_server(self, hub, user_name, hub_user_id, name, start_id, **kwargs):
-        """Record a new start (start_pending). Raises :class:`ServerExistsError`."""
+        """Record a new start (start_pending); return its :class:`ServerRecord`.
+
+        Raises :class:`ServerExistsError`, or what ``check_limits`` raises.
+        """
         hub_id = await self.hub_id(hub)
-        return await self._run(
-            self._add_server, hub_id, user_name, hub_user_id, name, start_id, kwargs
+        known = self._user_ids.get((hub_id, hub_user_id))
+        user_id = known[0] if known and known[1] == user_name else None
+        server_id, user_id, now = await self._run(
+            self._add_server, hub_id, user_id, user_name, hub_user_id, name, start_id, kwargs
+        )
+        # cached only now: the transaction that created the user is committed
+        self._user_ids[(hub_id, hub_user_id)] = (user_id, user_name)
+        return ServerRecord(
+            id=server_id,
+            hub=hub,
+            name=name,
+            start_id=start_id,
+            user_name=user_name,
+            hub_user_id=hub_user_id,
+            spawner_class=kwargs["spawner_class"],
+            flavor=kwargs.get("flavor"),
+            service="",
+            start_pending=True,
+            stop_pending=False,
+            started=now,
+            last_update=now,
+            end_date=kwargs.get("end_date"),
+            end_warned=False,
         )
 
-    def _user(self, session, hub_id, hub_user_id, user_name):
-        user = session.scalar(
-            select(User).where(User.hub_id == hub_id, User.hub_user_id == hub_user_id)
-        )
-        if user is None:
+    def _user(self, connection, hub_id, hub_user_id, user_name):
+        row = connection.execute(
+            select(User.id, User.name).where(
+                User.hub_id == hub_id, User.hub_user_id == hub_user_id
+            )
+        ).first()
+        if row is None:
             try:
-                with session.begin_nested():
-                    user = User(hub_id=hub_id, hub_user_id=hub_user_id, name=user_name)
-                    session.add(user)
+                with connection.begin_nested():
+                    result = connection.execute(
+                        insert(User).values(hub_id=hub_id, hub_user_id=hub_user_id, name=user_name)
+                    )
+                    return result.inserted_primary_key[0]
             except IntegrityError:  # created by a concurrent start
-                return self._user(session, hub_id, hub_user_id, user_name)
-        elif user.name != user_name:
-            user.name = user_name
-        return user
+                return self._user(connection, hub_id, hub_user_id, user_name)
+        if row.name != user_name:
+            connection.execute(update(User).where(User.id == row.id).values(name=user_name))
+        return row.id
 
-    def _add_server(self, session, hub_id, user_name, hub_user_id, name, start_id, kw):
+    def _add_server(self, connection, hub_id, user_id, user_name, hub_user_id, name, start_id, kw):
         check_limits = kw.get("check_limits")
         if check_limits is not None:
             # the first write of this transaction: concurrent starts with
             # limits wait here, so the count below cannot be outdated
-            session.execute(
+            connection.execute(
                 update(Lease).where(Lease.name == ACCOUNTING_LOCK).values(owner="")
             )
-        user = self._user(session, hub_id, hub_user_id, user_name)
+        if user_id is None:
+            user_id = self._user(connection, hub_id, hub_user_id, user_name)
         if check_limits is not None:
-            check_limits(*self._counts_for(session, user.id, kw.get("flavor")))
-        server = Server(
-            hub_id=hub_id,
-            user_id=user.id,
-            name=name,
-            start_id=start_id,
-            spawner_class=kw["spawner_class"],
-            flavor=kw.get("flavor"),
-            request=self._seal(kw["request"]),
-            start_pending=True,
-            end_date=kw.get("end_date"),
-        )
+            check_limits(*self._counts_for(connection, user_id, kw.get("flavor")))
+        now = utcnow()
         try:
-            with session.begin_nested():
-                session.add(server)
+            result = connection.execute(
+                insert(Server).values(
+                    hub_id=hub_id,
+                    user_id=user_id,
+                    name=name,
+                    start_id=start_id,
+                    spawner_class=kw["spawner_class"],
+                    flavor=kw.get("flavor"),
+                    request=self._seal(kw["request"]),
+                    service="",
+                    start_pending=True,
+                    stop_pending=False,
+                    started=now,
+                    last_update=now,
+                    end_date=kw.get("end_date"),
+                    end_warned=False,
+                )
+            )
         except IntegrityError:
+            # the only row this transaction writes (besides a new user and
+            # the lock): rolling it all back loses nothing
             raise ServerExistsError(
                 f"Server {name!r} with start_id {start_id!r} already exists"
             ) from None
-        return server.id
+        return result.inserted_primary_key[0], user_id, now
 
-    def _counts_for(self, session, user_id, flavor):
+    def _counts_for(self, connection, user_id, flavor):
         """(servers of flavor, the user's of flavor, the user's in all); stopping ones excluded"""
         running = Server.stop_pending.is_(False)
-        total = session.scalar(
+        total = connection.scalar(
             select(func.count()).where(running, Server.flavor == flavor)
         )
-        user_rows = session.execute(
+        user_rows = connection.execute(
             select(Server.flavor, func.count())
             .where(running, Server.user_id == user_id)
             .group_by(Server.flavor)
@@ -362,23 +489,40 @@ class Database:
         """Flavor name -> servers running now (stopping ones excluded)"""
         return await self._read(self._flavor_counts)
 
-    def _flavor_counts(self, session):
-        rows = session.execute(
+    def _flavor_counts(self, connection):
+        rows = connection.execute(
             select(Server.flavor, func.count())
             .where(Server.stop_pending.is_(False), Server.flavor.is_not(None))
             .group_by(Server.flavor)
         )
         return dict(rows.all())
 
+    async def server_status(self, hub, name, start_id):
+        """``(id, start_pending, stop_pending)`` of one server, or None.
+
+        The read behind every poll: one lookup of the unique key.
+        """
+        hub_id = self._hub_ids.get(hub)
+        if hub_id is None:
+            hub_id = await self.hub_id(hub)
+        values = {"hub_id": hub_id, "name": name, "start_id": start_id}
+        loop = asyncio.get_running_loop()
+        row = await loop.run_in_executor(
+            self.read_executor, self._fetch_one, self._status, values
+        )
+        if row is None:
+            return None
+        return row[0], bool(row[1]), bool(row[2])
+
     async def get_server(self, hub, name, start_id, secrets=False):
         """One server of one hub, or None. ``secrets`` decrypts state and request."""
         hub_id = await self.hub_id(hub)
         return await self._read(self._get_server, hub_id, name, start_id, secrets)
 
-    def _get_server(self, session, hub_id, name, start_id, secrets):
+    def _get_server(self, connection, hub_id, name, start_id, secrets):
         query = _SERVER_BY_KEY_WITH_SECRETS if secrets else _SERVER_BY_KEY
         params = {"hub_id": hub_id, "name": name, "start_id": start_id}
-        row = session.execute(query, params).first()
+        row = connection.execute(query, params).first()
         if row is None:
             return None
         if secrets:
@@ -392,7 +536,7 @@ class Database:
         hub_id = None if hub is None else await self.hub_id(hub)
         return await self._read(self._list_servers, hub_id, pending_only, secrets)
 
-    def _list_servers(self, session, hub_id, pending_only, secrets):
+    def _list_servers(self, connection, hub_id, pending_only, secrets):
         query = (
             select(*_SERVER_COLUMNS)
             .join(Hub, Hub.id == Server.hub_id)
@@ -407,21 +551,21 @@ class Database:
             query = query.add_columns(Server.state, Server.request)
             return [
                 self._record(r[:-2], state=self._open(r[-2]), request=self._open(r[-1]))
-                for r in session.execute(query)
+                for r in connection.execute(query)
             ]
-        return [self._record(r) for r in session.execute(query)]
+        return [self._record(r) for r in connection.execute(query)]
 
     async def save_state(self, server_id, state, service=None, start_done=False):
         """Store the spawner's state (and, when a start finished, its address)"""
         return await self._run(self._save_state, server_id, state, service, start_done)
 
-    def _save_state(self, session, server_id, state, service, start_done):
+    def _save_state(self, connection, server_id, state, service, start_done):
         values = {"state": self._seal(state), "last_update": utcnow()}
         if service is not None:
             values["service"] = service
         if start_done:
             values["start_pending"] = False
-        result = session.execute(
+        result = connection.execute(
             update(Server).where(Server.id == server_id).values(**values)
         )
         return result.rowcount == 1
@@ -430,8 +574,8 @@ class Database:
         """Mark a server as stopping. True if this call set the flag."""
         return await self._run(self._claim_stop, server_id)
 
-    def _claim_stop(self, session, server_id):
-        result = session.execute(
+    def _claim_stop(self, connection, server_id):
+        result = connection.execute(
             update(Server)
             .where(Server.id == server_id, Server.stop_pending.is_(False))
             .values(stop_pending=True, last_update=utcnow())
@@ -442,8 +586,8 @@ class Database:
         """Forget a server. True if it was still recorded."""
         return await self._run(self._delete_server, server_id)
 
-    def _delete_server(self, session, server_id):
-        result = session.execute(delete(Server).where(Server.id == server_id))
+    def _delete_server(self, connection, server_id):
+        result = connection.execute(delete(Server).where(Server.id == server_id))
         return result.rowcount == 1
 
     # leases for background work, and the runtime of servers
@@ -452,21 +596,21 @@ class Database:
         """Take or renew lease ``name`` for ``ttl`` seconds. True if ``owner`` holds it."""
         return await self._run(self._acquire_lease, name, owner, ttl)
 
-    def _acquire_lease(self, session, name, owner, ttl):
+    def _acquire_lease(self, connection, name, owner, ttl):
         now = utcnow()
         expires = now + timedelta(seconds=ttl)
-        result = session.execute(
+        result = connection.execute(
             update(Lease)
             .where(Lease.name == name, or_(Lease.owner == owner, Lease.expires < now))
             .values(owner=owner, expires=expires)
         )
         if result.rowcount == 1:
             return True
-        if session.get(Lease, name) is not None:
+        if connection.scalar(select(Lease.name).where(Lease.name == name)) is not None:
             return False
         try:
-            with session.begin_nested():
-                session.add(Lease(name=name, owner=owner, expires=expires))
+            with connection.begin_nested():
+                connection.execute(insert(Lease).values(name=name, owner=owner, expires=expires))
         except IntegrityError:
             return False
         return True
@@ -474,8 +618,8 @@ class Database:
     async def release_lease(self, name, owner):
         await self._run(self._release_lease, name, owner)
 
-    def _release_lease(self, session, name, owner):
-        session.execute(
+    def _release_lease(self, connection, name, owner):
+        connection.execute(
             update(Lease)
             .where(Lease.name == name, Lease.owner == owner)
             .values(expires=utcnow() - timedelta(seconds=1))
@@ -485,7 +629,7 @@ class Database:
         """Running servers whose runtime ends before ``before`` (with secrets)"""
         return await self._read(self._servers_ending, before)
 
-    def _servers_ending(self, session, before):
+    def _servers_ending(self, connection, before):
         query = (
             select(*_SERVER_COLUMNS, Server.state, Server.request)
             .join(Hub, Hub.id == Server.hub_id)
@@ -500,12 +644,17 @@ class Database:
         )
         return [
             self._record(r[:-2], state=self._open(r[-2]), request=self._open(r[-1]))
-            for r in session.execute(query)
+            for r in connection.execute(query)
         ]
 
     async def mark_end_warned(self, server_id):
         await self._run(self._mark_end_warned, server_id)
 
-    def _mark_end_warned(self, session, server_id):
-        session.execute(update(Server).where(Server.id == server_id).values(end_warned=True))
+    def _mark_end_warned(self, connection, server_id):
+        connection.execute(update(Server).where(Server.id == server_id).values(end_warned=True))
 
+
+
+def _unavailable(e):
+    log.error("Database error: %s", e.__class__.__name__)
+    return DatabaseUnavailableError("The database is not reachable right now; try again later")

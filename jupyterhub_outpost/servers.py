@@ -200,7 +200,7 @@ class ServerManager(LoggingConfigurable):
             await self.check_overrides(hub, request.get("misc"))
             flavor_name, flavor, check_limits, end_date = await self.app.flavor_for_start(hub, request)
             stored = {k: request[k] for k in ("env", "user_options", "misc")}
-            record_id = await self.db.add_server(
+            record = await self.db.add_server(
                 hub,
                 env.get("JUPYTERHUB_USER", ""),
                 env.get("JUPYTERHUB_USER_ID") or env.get("JUPYTERHUB_USER", ""),
@@ -215,13 +215,12 @@ class ServerManager(LoggingConfigurable):
         except (OverrideRefusedError, FlavorError):
             self._report_usage(hub, env)
             raise
-        record = await self.db.get_server(hub, request["name"], request["start_id"])
         try:
             managed = self.build_spawner(record, stored, auth_state)
             if flavor is not None:
                 await maybe_future(self.app.apply_flavor_hook(managed.spawner, flavor_name, flavor))
         except Exception as e:
-            await self.db.delete_server(record_id)
+            await self.db.delete_server(record.id)
             self._report_usage(hub, env)
             raise StartFailedError(e) from e
         self.active[record.key] = managed
@@ -391,20 +390,20 @@ class ServerManager(LoggingConfigurable):
 
     # poll
 
-    async def _managed(self, record):
-        """The ManagedServer of ``record``, rebuilt from the database if needed"""
-        managed = self.active.get(record.key)
-        if managed is not None and managed.record.id == record.id:
+    async def _managed(self, key, record_id):
+        """The ManagedServer of server ``record_id``, rebuilt from the database if needed"""
+        managed = self.active.get(key)
+        if managed is not None and managed.record.id == record_id:
             return managed
-        future = self._restoring.get(record.key)
+        future = self._restoring.get(key)
         if future is None:
-            future = asyncio.ensure_future(self._restore(record))
-            self._restoring[record.key] = future
-            future.add_done_callback(lambda f: self._restoring.pop(record.key, None))
+            future = asyncio.ensure_future(self._restore(key))
+            self._restoring[key] = future
+            future.add_done_callback(lambda f: self._restoring.pop(key, None))
         return await asyncio.shield(future)
 
-    async def _restore(self, record):
-        full = await self.db.get_server(*record.key, secrets=True)
+    async def _restore(self, key):
+        full = await self.db.get_server(*key, secrets=True)
         if full is None:
             raise ServerNotFoundError()
         managed = self.build_spawner(full, full.request)
@@ -418,15 +417,17 @@ class ServerManager(LoggingConfigurable):
 
     async def poll(self, hub, name, start_id, collect_logs=False):
         """``{"status": None}`` while running, the exit status when ended"""
-        record = await self.db.get_server(hub, name, start_id)
-        if record is None:
-            self.active.pop((hub, name, start_id), None)
+        key = (hub, name, start_id)
+        found = await self.db.server_status(hub, name, start_id)
+        if found is None:
+            self.active.pop(key, None)
             raise ServerNotFoundError()
-        if record.stop_pending:
+        record_id, start_pending, stop_pending = found
+        if stop_pending:
             return {"status": 0}
-        if record.start_pending:
+        if start_pending:
             return {"status": None}
-        managed = await self._managed(record)
+        managed = await self._managed(key, record_id)
         try:
             status = await maybe_future(managed.spawner.poll())
         except Exception as e:
@@ -479,7 +480,7 @@ class ServerManager(LoggingConfigurable):
             await self._wait_for_other_stop(record)
             return []
         self._claimed.add(record.id)
-        managed = await self._managed(record)
+        managed = await self._managed(record.key, record.id)
         logs = await self._logs(managed) if collect_logs else []
         try:
             await maybe_future(managed.spawner.stop())
@@ -528,7 +529,7 @@ class ServerManager(LoggingConfigurable):
             self.log.warning("%s/%s/%s - finishing an interrupted %s", *record.key,
                              "start" if record.start_pending else "stop")  # fmt: skip
             try:
-                managed = await self._managed(record)
+                managed = await self._managed(record.key, record.id)
                 if record.start_pending:
                     await self._discard_failed_start(managed)
                 else:

@@ -371,11 +371,11 @@ async def populated_db(tmp_path_factory):
         "user_options": {"start_id": "sid-1"},
         "misc": {},
     }
-    server_id = await outpost.db.add_server(
+    record = await outpost.db.add_server(
         "hub-a", "alice", "7", "kept", "sid-1",
         spawner_class="jupyterhub.spawner.SimpleLocalProcessSpawner", request=request,
     )  # fmt: skip
-    await outpost.db.save_state(server_id, {"pid": 0}, service="127.0.0.1:1", start_done=True)
+    await outpost.db.save_state(record.id, {"pid": 0}, service="127.0.0.1:1", start_done=True)
     outpost.db.close()
     return workdir / "outpost.sqlite"
 
