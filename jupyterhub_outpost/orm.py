@@ -232,6 +232,29 @@ _SERVER_STATUS = select(Server.id, Server.start_pending, Server.stop_pending).wh
 )
 
 
+# The writes of every start and stop, built once (building them per call cost
+# more than running them, and each built statement took a cache entry)
+_INSERT_SERVER = insert(Server)
+_STATE_UPDATE = (
+    update(Server)
+    .where(Server.id == bindparam("sid"))
+    .values(state=bindparam("state"), last_update=bindparam("last_update"))
+)
+# (with the service address, start done) -> statement
+_SAVE_STATE = {
+    (False, False): _STATE_UPDATE,
+    (False, True): _STATE_UPDATE.values(start_pending=False),
+    (True, False): _STATE_UPDATE.values(service=bindparam("service")),
+    (True, True): _STATE_UPDATE.values(service=bindparam("service"), start_pending=False),
+}
+_CLAIM_STOP = (
+    update(Server)
+    .where(Server.id == bindparam("sid"), Server.stop_pending.is_(False))
+    .values(stop_pending=True, last_update=bindparam("last_update"))
+)
+_DELETE_SERVER = delete(Server).where(Server.id == bindparam("sid"))
+
+
 class Database:
     """Asynchronous access to the Outpost's tables.
 
@@ -446,22 +469,23 @@ class Database:
         now = utcnow()
         try:
             result = connection.execute(
-                insert(Server).values(
-                    hub_id=hub_id,
-                    user_id=user_id,
-                    name=name,
-                    start_id=start_id,
-                    spawner_class=kw["spawner_class"],
-                    flavor=kw.get("flavor"),
-                    request=self._seal(kw["request"]),
-                    service="",
-                    start_pending=True,
-                    stop_pending=False,
-                    started=now,
-                    last_update=now,
-                    end_date=kw.get("end_date"),
-                    end_warned=False,
-                )
+                _INSERT_SERVER,
+                {
+                    "hub_id": hub_id,
+                    "user_id": user_id,
+                    "name": name,
+                    "start_id": start_id,
+                    "spawner_class": kw["spawner_class"],
+                    "flavor": kw.get("flavor"),
+                    "request": self._seal(kw["request"]),
+                    "service": "",
+                    "start_pending": True,
+                    "stop_pending": False,
+                    "started": now,
+                    "last_update": now,
+                    "end_date": kw.get("end_date"),
+                    "end_warned": False,
+                },
             )
         except IntegrityError:
             # the only row this transaction writes (besides a new user and
@@ -560,26 +584,18 @@ class Database:
         return await self._run(self._save_state, server_id, state, service, start_done)
 
     def _save_state(self, connection, server_id, state, service, start_done):
-        values = {"state": self._seal(state), "last_update": utcnow()}
+        params = {"sid": server_id, "state": self._seal(state), "last_update": utcnow()}
         if service is not None:
-            values["service"] = service
-        if start_done:
-            values["start_pending"] = False
-        result = connection.execute(
-            update(Server).where(Server.id == server_id).values(**values)
-        )
-        return result.rowcount == 1
+            params["service"] = service
+        statement = _SAVE_STATE[service is not None, start_done]
+        return connection.execute(statement, params).rowcount == 1
 
     async def claim_stop(self, server_id):
         """Mark a server as stopping. True if this call set the flag."""
         return await self._run(self._claim_stop, server_id)
 
     def _claim_stop(self, connection, server_id):
-        result = connection.execute(
-            update(Server)
-            .where(Server.id == server_id, Server.stop_pending.is_(False))
-            .values(stop_pending=True, last_update=utcnow())
-        )
+        result = connection.execute(_CLAIM_STOP, {"sid": server_id, "last_update": utcnow()})
         return result.rowcount == 1
 
     async def delete_server(self, server_id):
@@ -587,7 +603,7 @@ class Database:
         return await self._run(self._delete_server, server_id)
 
     def _delete_server(self, connection, server_id):
-        result = connection.execute(delete(Server).where(Server.id == server_id))
+        result = connection.execute(_DELETE_SERVER, {"sid": server_id})
         return result.rowcount == 1
 
     # leases for background work, and the runtime of servers
