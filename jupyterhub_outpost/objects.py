@@ -19,6 +19,9 @@ from .utils import url_path_join
 class OutpostHub:
     """What a Spawner reads of ``self.hub``: API and base URLs"""
 
+    # the env keys it is built from
+    ENV_KEYS = ("JUPYTERHUB_API_URL", "JUPYTERHUB_BASE_URL", "JUPYTERHUB_HOST")
+
     def __init__(self, env):
         self.api_url = env.get("JUPYTERHUB_API_URL", "http://127.0.0.1:8081/hub/api")
         base = env.get("JUPYTERHUB_BASE_URL") or "/"
@@ -64,7 +67,9 @@ class OutpostORMSpawner:
     """What a Spawner reads of ``self.orm_spawner``.
 
     ``server`` is a transient (never stored) JupyterHub ``orm.Server``, so that
-    ``Spawner.server.base_url`` is the prefix the hub gave the server.
+    ``Spawner.server.base_url`` is the prefix the hub gave the server. It is
+    built when first read; :meth:`release_server` drops it (with the
+    Spawner's wrapper of it) while the server runs and nothing reads it.
     """
 
     def __init__(self, name, user_options, service_prefix, ip="", port=0):
@@ -74,10 +79,34 @@ class OutpostORMSpawner:
         self.state = None
         self.started = None
         self.last_activity = None
-        self.server = hub_orm.Server(
-            proto="http", ip=ip, port=port, base_url=service_prefix or "/", cookie_name=""
-        )
+        self._server_values = {
+            "proto": "http",
+            "ip": ip,
+            "port": port,
+            "base_url": service_prefix or "/",
+            "cookie_name": "",
+        }
+        self._server = None
 
+    @property
+    def server(self):
+        if self._server is None:
+            self._server = hub_orm.Server(**self._server_values)
+        return self._server
+
+    def release_server(self, spawner):
+        """Forget the ``orm.Server`` and ``spawner``'s wrapper of it, keeping
+        their values; the next read of ``spawner.server`` rebuilds both.
+
+        Together they take about a third of an idle Spawner's memory.
+        """
+        if self._server is not None:
+            server = self._server
+            self._server_values = {key: getattr(server, key) for key in self._server_values}
+            self._server = None
+        # Spawner.server rebuilds its wrapper whenever it is missing or wraps
+        # another orm.Server than orm_spawner.server
+        spawner._server = None
 
 class OutpostDB:
     """What a Spawner may call of ``self.db``.

@@ -93,6 +93,16 @@ class ManagedServer:
     def starting(self):
         return self.start_task is not None and not self.start_task.done()
 
+    def forget_start_task(self, task):
+        if self.start_task is task:
+            self.start_task = None
+
+    def release_memory(self):
+        """Drop what a running server does not need between requests"""
+        orm_spawner = self.spawner.orm_spawner
+        if isinstance(orm_spawner, OutpostORMSpawner):
+            orm_spawner.release_server(self.spawner)
+
     async def save_state(self, service=None, start_done=False):
         await self.manager.db.save_state(
             self.record.id, self.spawner.get_state(), service, start_done
@@ -117,6 +127,7 @@ class ServerManager(LoggingConfigurable):
         self._stopping = {}  # key -> Task
         self._claimed = set()  # ids of servers whose stop this process began
         self._background = set()
+        self._hubs = {}  # hub env values -> OutpostHub
 
     # building spawners
 
@@ -131,7 +142,7 @@ class ServerManager(LoggingConfigurable):
     def build_spawner(self, record, request, auth_state=None):
         """A Spawner configured from the config file and the start request"""
         env = request["env"]
-        hub = OutpostHub(env)
+        hub = self._hub_object(env)
         user = OutpostUser(
             env.get("JUPYTERHUB_USER", record.user_name), _int(record.hub_user_id), hub, auth_state
         )
@@ -156,6 +167,16 @@ class ServerManager(LoggingConfigurable):
         holder["managed"] = managed
         _register_secrets(env)
         return managed
+
+    def _hub_object(self, env):
+        """One OutpostHub per hub address, shared by its spawners (as in JupyterHub)"""
+        key = tuple(env.get(k) for k in OutpostHub.ENV_KEYS)
+        hub = self._hubs.get(key)
+        if hub is None:
+            if len(self._hubs) > 1000:  # addresses change rarely; never grow without bound
+                self._hubs.clear()
+            hub = self._hubs[key] = OutpostHub(env)
+        return hub
 
     def _apply_overrides(self, spawner, misc, record):
         for key, value in misc.items():
@@ -224,16 +245,18 @@ class ServerManager(LoggingConfigurable):
             self._report_usage(hub, env)
             raise StartFailedError(e) from e
         self.active[record.key] = managed
-        managed.start_task = asyncio.create_task(
+        task = managed.start_task = asyncio.create_task(
             self._run_start(managed, certs or {}, trust_bundles or {}, run_async)
         )
+        # a finished task is not kept: 10,000 running servers, 10,000 tasks less
+        task.add_done_callback(lambda t: managed.forget_start_task(t))
         if run_async:
-            self._keep(managed.start_task)
+            self._keep(task)
             return {"service": ""}
-        await asyncio.wait([managed.start_task])
-        if managed.start_task.cancelled():
+        await asyncio.wait([task])
+        if task.cancelled():
             raise StartCancelledError("The start was cancelled by a stop request")
-        return {"service": managed.start_task.result()}
+        return {"service": task.result()}
 
     async def _run_start(self, managed, certs, trust_bundles, run_async):
         spawner = managed.spawner
@@ -268,10 +291,12 @@ class ServerManager(LoggingConfigurable):
                 await maybe_future(self.app.sanitize_start_response(spawner, result))
             )
             spawner._spawn_pending = False
+            spawner._spawn_future = None  # as JupyterHub does once a spawn finished
             if forwarder is not None:
                 await asyncio.wait([forwarder], timeout=self.app.hub_client.request_timeout)
             await managed.outpost_db.flush_pending()
             await managed.save_state(service=service, start_done=True)
+            managed.release_memory()
             self.log.info("%s - started at %s", managed.log_name, service or "(address follows)")
             self._after_change(managed)
             return service
@@ -411,6 +436,7 @@ class ServerManager(LoggingConfigurable):
             managed.spawner.load_state(full.state)
         if os.path.isdir(self._cert_dir(full)):
             managed.spawner.internal_ssl = True
+        managed.release_memory()
         self.active[full.key] = managed
         self.log.debug("%s - spawner restored from the database", managed.log_name)
         return managed
