@@ -59,6 +59,8 @@ class BackgroundWork(LoggingConfigurable):
 
     async def run_once(self):
         """One round: take or renew the lease; if held, do the work"""
+        # every process, lease or not: what it holds in memory
+        await self.app.server_manager.drop_forgotten()
         held = await self.app.db.acquire_lease(LEASE, self.owner, self.app.lease_ttl)
         if held != self.holds_lease:
             self.log.info(

@@ -538,6 +538,13 @@ class Database:
             return None
         return row[0], bool(row[1]), bool(row[2])
 
+    async def server_ids(self):
+        """The ids of all recorded servers"""
+        return await self._read(self._server_ids)
+
+    def _server_ids(self, connection):
+        return set(connection.scalars(select(Server.id)))
+
     async def get_server(self, hub, name, start_id, secrets=False):
         """One server of one hub, or None. ``secrets`` decrypts state and request."""
         hub_id = await self.hub_id(hub)

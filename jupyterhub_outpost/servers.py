@@ -446,7 +446,7 @@ class ServerManager(LoggingConfigurable):
         key = (hub, name, start_id)
         found = await self.db.server_status(hub, name, start_id)
         if found is None:
-            self.active.pop(key, None)
+            self._drop_stale(key)
             raise ServerNotFoundError()
         record_id, start_pending, stop_pending = found
         if stop_pending:
@@ -481,6 +481,7 @@ class ServerManager(LoggingConfigurable):
         """Stop a server and forget it; return ``{"logs": [...]}``"""
         record = await self.db.get_server(hub, name, start_id)
         if record is None:
+            self._drop_stale((hub, name, start_id))
             raise ServerNotFoundError()
         task = self._stopping.get(record.key)
         if task is None:
@@ -532,7 +533,30 @@ class ServerManager(LoggingConfigurable):
             raise ServerBusyError(
                 "Another Outpost process is stopping this server; try again later"
             ) from None
-        self.active.pop(record.key, None)
+        self._drop_stale(record.key)
+
+    def _drop_stale(self, key):
+        """Forget this process' Spawner of a server whose record is gone
+        (another process stopped it), and the secrets registered for it"""
+        managed = self.active.get(key)
+        if managed is None or managed.starting:
+            return
+        del self.active[key]
+        _forget_secrets(managed.env)
+
+    async def drop_forgotten(self):
+        """Drop the Spawners of servers that another process stopped.
+
+        Once a server is stopped, the hub sends no more requests for it, so
+        this process would otherwise keep its Spawner for good.
+        """
+        held = list(self.active.items())  # before the read: their records exist already
+        if not held:
+            return
+        recorded = await self.db.server_ids()
+        for key, managed in held:
+            if managed.record.id not in recorded and self.active.get(key) is managed:
+                self._drop_stale(key)
 
     # listing and housekeeping
 

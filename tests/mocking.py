@@ -1,5 +1,6 @@
-"""Fakes for what cannot run in the test process: a hub's API; and a
-test-only Spawner whose start is slow.
+"""Fakes for what cannot run in the test process: a hub's API; and
+test-only Spawners: one whose start is slow, one whose servers are not
+children of the Outpost process.
 
 ``FakeHubAPI`` is a small Tornado app that records what the Outpost posts
 to a hub (progress events, flavor usage) and checks the token it was given.
@@ -7,6 +8,8 @@ to a hub (progress events, flavor usage) and checks the token it was given.
 
 import asyncio
 import json
+import subprocess
+import sys
 
 from jupyterhub.spawner import SimpleLocalProcessSpawner
 from tornado import web
@@ -144,3 +147,40 @@ class SlowStartSpawner(SimpleLocalProcessSpawner):
         result = await super().start()
         await asyncio.sleep(self.start_delay)
         return result
+
+
+# Starts the command in its arguments, prints its pid and exits without
+# waiting: the command is orphaned, as a batch job or a pod is no child of
+# the Outpost. Its output goes to the launcher's stderr (the Outpost's log).
+_LAUNCHER = (
+    "import subprocess, sys; "
+    "print(subprocess.Popen(sys.argv[1:], stdout=sys.stderr.fileno()).pid, flush=True)"
+)
+
+
+class DetachedProcessSpawner(SimpleLocalProcessSpawner):
+    """A SimpleLocalProcessSpawner whose servers are not the Outpost's children.
+
+    ``start()`` runs the server through a launcher process that exits at
+    once, so the server is re-parented to the nearest subreaper (the test
+    process, see ``conftest._act_as_init``), which reaps it when it ends.
+    Any Outpost process can then tell by its pid whether it still runs, as
+    with servers of a batch system or Kubernetes; a LocalProcessSpawner's
+    server that ended stays a zombie child of the process that started it
+    until that process waits for it.
+    """
+
+    async def start(self):
+        cmd, popen_kwargs = self.cmd, self.popen_kwargs
+        self.cmd = [sys.executable, "-c", _LAUNCHER, *cmd]
+        self.popen_kwargs = dict(popen_kwargs, stdout=subprocess.PIPE)
+        try:
+            address = await super().start()
+        finally:
+            self.cmd, self.popen_kwargs = cmd, popen_kwargs
+        launcher, self.proc = self.proc, None
+        output, _ = await asyncio.to_thread(launcher.communicate, timeout=30)
+        if launcher.returncode != 0 or not output.strip().isdigit():
+            raise RuntimeError(f"The launcher failed ({launcher.returncode}): {output!r}")
+        self.pid = int(output)
+        return address
