@@ -128,6 +128,9 @@ class ServerManager(LoggingConfigurable):
         self._claimed = set()  # ids of servers whose stop this process began
         self._background = set()
         self._hubs = {}  # hub env values -> OutpostHub
+        # turns for the Outpost's own work of starts and stops; never held
+        # while waiting for anything but the database
+        self._turns = asyncio.Semaphore(max(1, app.concurrent_bookkeeping))
 
     # building spawners
 
@@ -218,26 +221,31 @@ class ServerManager(LoggingConfigurable):
         """
         env = request["env"]
         try:
+            # the operator's hooks run outside the turns: they may take a while
             await self.check_overrides(hub, request.get("misc"))
-            flavor_name, flavor, check_limits, end_date = await self.app.flavor_for_start(hub, request)
-            stored = {k: request[k] for k in ("env", "user_options", "misc")}
-            record = await self.db.add_server(
-                hub,
-                env.get("JUPYTERHUB_USER", ""),
-                env.get("JUPYTERHUB_USER_ID") or env.get("JUPYTERHUB_USER", ""),
-                request["name"],
-                request["start_id"],
-                spawner_class=_class_name(self.app.spawner_class),
-                flavor=flavor_name,
-                check_limits=check_limits,
-                end_date=end_date,
-                request=stored,
+            flavor_name, flavor, check_limits, end_date = await self.app.flavor_for_start(
+                hub, request
             )
+            stored = {k: request[k] for k in ("env", "user_options", "misc")}
+            async with self._turns:
+                record = await self.db.add_server(
+                    hub,
+                    env.get("JUPYTERHUB_USER", ""),
+                    env.get("JUPYTERHUB_USER_ID") or env.get("JUPYTERHUB_USER", ""),
+                    request["name"],
+                    request["start_id"],
+                    spawner_class=_class_name(self.app.spawner_class),
+                    flavor=flavor_name,
+                    check_limits=check_limits,
+                    end_date=end_date,
+                    request=stored,
+                )
         except (OverrideRefusedError, FlavorError):
             self._report_usage(hub, env)
             raise
         try:
-            managed = self.build_spawner(record, stored, auth_state)
+            async with self._turns:
+                managed = self.build_spawner(record, stored, auth_state)
             if flavor is not None:
                 await maybe_future(self.app.apply_flavor_hook(managed.spawner, flavor_name, flavor))
         except Exception as e:
@@ -294,8 +302,9 @@ class ServerManager(LoggingConfigurable):
             spawner._spawn_future = None  # as JupyterHub does once a spawn finished
             if forwarder is not None:
                 await asyncio.wait([forwarder], timeout=self.app.hub_client.request_timeout)
-            await managed.outpost_db.flush_pending()
-            await managed.save_state(service=service, start_done=True)
+            async with self._turns:
+                await managed.outpost_db.flush_pending()
+                await managed.save_state(service=service, start_done=True)
             managed.release_memory()
             self.log.info("%s - started at %s", managed.log_name, service or "(address follows)")
             self._after_change(managed)
@@ -502,12 +511,14 @@ class ServerManager(LoggingConfigurable):
         if record.start_pending and not force:
             # started by another process, or interrupted by a restart
             raise ServerBusyError("The server is still starting; try again later")
-        claimed = await self.db.claim_stop(record.id)
-        if not (claimed or force or record.id in self._claimed):
+        async with self._turns:
+            claimed = await self.db.claim_stop(record.id)
+            if claimed or force or record.id in self._claimed:
+                self._claimed.add(record.id)
+                managed = await self._managed(record.key, record.id)
+        if record.id not in self._claimed:
             await self._wait_for_other_stop(record)
             return []
-        self._claimed.add(record.id)
-        managed = await self._managed(record.key, record.id)
         logs = await self._logs(managed) if collect_logs else []
         try:
             await maybe_future(managed.spawner.stop())
