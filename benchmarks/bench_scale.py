@@ -18,7 +18,9 @@ no progress events, default ``db_workers``, the
 4. polls round-robin over the N servers for 15 s, 50 in flight;
 5. the same polls while N/10 (at most 1000) slow starts of 5 s each, sent
    all at once, are being accepted, waited for, and completed;
-6. stops of every server, 50 at a time; then ``GET /services`` must list none.
+6. polls at a fixed rate (500/s, open loop, as hubs poll: a request is sent
+   when due, whatever is still in flight) while 100 more slow starts run;
+7. stops of every server, 50 at a time; then ``GET /services`` must list none.
 
 It prints one table per database, each throughput also as a ratio to the
 ``/ping`` throughput of the same run. See benchmarks/README.md.
@@ -154,7 +156,11 @@ class ScaleRun(Driver):
         self.add_row("poll", args.concurrency, *await self.poll_for(servers, args.poll_seconds))
         if args.profile:  # a separate run: py-spy slows the Outpost down
             await self.poll_for(servers, args.profile_seconds, profile=True)
-        servers += await self.poll_during_slow_starts(servers)
+        servers += await self.poll_during_slow_starts(servers, min(self.n // 10, args.slow_cap))
+        if args.poll_rate:
+            servers += await self.poll_during_slow_starts(
+                servers, args.rate_slow_starts, rate=args.poll_rate
+            )
 
         with Meter(pid) as meter:
             latencies = await self.stop_all(servers, args.concurrency)
@@ -165,21 +171,45 @@ class ScaleRun(Driver):
                           f"peak {status['VmHWM']}, threads {status['Threads']}, "
                           f"Outpost CPU total {proc_cpu_seconds(pid):.1f} s")  # fmt: skip
 
-    async def poll_for(self, servers, seconds, profile=False):
+    async def poll_for(self, servers, seconds, profile=False, rate=None):
         async def one(i):
             return await self.poll(*servers[i % len(servers)])
 
         profile = self.start_profile(seconds) if profile and self.args.profile else None
         with Meter(self.outpost.pid) as meter:
-            latencies = await self.run_for(seconds, self.args.concurrency, one)
+            if rate:
+                latencies = await self.run_at_rate(seconds, rate, one)
+            else:
+                latencies = await self.run_for(seconds, self.args.concurrency, one)
         if profile:
             self.notes.append(await profile)
         return latencies, meter
 
-    async def poll_during_slow_starts(self, servers):
-        """Send ``n/10`` slow starts at once and poll meanwhile; returns the slow servers"""
+    async def run_at_rate(self, seconds, rate, one_request):
+        """Open loop: call ``one_request(i)`` every ``1/rate`` s whatever is
+        still in flight, as hubs do; each latency counts from the moment its
+        request was due, so a stalled server cannot hide its stall"""
+        latencies = []
+        began = time.perf_counter()
+
+        async def one(i, due):
+            if await one_request(i):
+                latencies.append(time.perf_counter() - due)
+
+        tasks = []
+        for i in range(int(seconds * rate)):
+            due = began + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i, due)))
+        await asyncio.gather(*tasks)
+        return latencies
+
+    async def poll_during_slow_starts(self, servers, count, rate=None):
+        """Send ``count`` slow starts at once and poll meanwhile (``rate`` polls/s,
+        or ``--concurrency`` in flight); returns the slow servers"""
         args = self.args
-        count = min(self.n // 10, args.slow_cap)
         began = time.perf_counter()
         answered = []
 
@@ -189,8 +219,11 @@ class ScaleRun(Driver):
             return result
 
         slow = [asyncio.create_task(slow_start()) for _ in range(count)]
-        latencies, meter = await self.poll_for(servers, args.poll_seconds)
-        self.add_row(f"poll, {count} slow starts", args.concurrency, latencies, meter)
+        latencies, meter = await self.poll_for(servers, args.poll_seconds, rate=rate)
+        if rate:
+            self.add_row(f"poll {rate:g}/s, {count} slow starts", "-", latencies, meter)
+        else:
+            self.add_row(f"poll, {count} slow starts", args.concurrency, latencies, meter)
         done, pending = await asyncio.wait(slow, timeout=args.slow_delay + 60)
         results = [t.result() for t in done if not t.exception() and t.result()]
         slow_lat = [r[0] for r in results]
@@ -328,6 +361,10 @@ def parse_args(argv=None):
     parser.add_argument("--poll-seconds", type=float, default=15, help="length of each poll run")
     parser.add_argument("--slow-cap", type=int, default=1000, help="at most this many slow starts (N/10)")
     parser.add_argument("--slow-delay", type=float, default=5, help="seconds each slow start takes")
+    parser.add_argument("--poll-rate", type=float, default=500,
+                        help="polls per second of the open-loop run during slow starts (0: no such run)")
+    parser.add_argument("--rate-slow-starts", type=int, default=100,
+                        help="slow starts sent at once during the open-loop poll run")
     parser.add_argument("--deadline", type=float, default=0,
                         help="give up one database and N after this many seconds (default 120 + N/25)")
     parser.add_argument("--profile", metavar="DIR",
