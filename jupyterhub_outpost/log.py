@@ -134,16 +134,19 @@ def log_request(handler):
     status = handler.get_status()
     request = handler.request
     if status < 300 and (request.method in ("GET", "HEAD")):
-        log_method = access_log.debug
+        level = logging.DEBUG
     elif status < 400:
-        log_method = access_log.info
+        level = logging.INFO
     elif status < 500:
-        log_method = access_log.warning
+        level = logging.WARNING
     else:
-        log_method = access_log.error
+        level = logging.ERROR
+    if not access_log.isEnabledFor(level):
+        return  # polls at the default level: nothing to format
     hub = getattr(handler, "current_hub", None) or "-"
     duration_ms = 1000.0 * request.request_time()
-    log_method(
+    access_log.log(
+        level,
         "%s %s %s (%s@%s) %.2fms",
         status,
         request.method,

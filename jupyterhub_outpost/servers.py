@@ -464,7 +464,7 @@ class ServerManager(LoggingConfigurable):
             return {"status": None}
         managed = await self._managed(key, record_id)
         try:
-            status = await maybe_future(managed.spawner.poll())
+            status = await _result_of(managed.spawner.poll())
         except Exception as e:
             self.log.error("%s - poll failed: %s", managed.log_name, _describe(e))
             raise StatusUnknownError(f"The server's status cannot be determined: {_describe(e)}")
@@ -607,6 +607,14 @@ class ServerManager(LoggingConfigurable):
         pending += [m.start_task for m in self.active.values() if m.start_task and not m.start_task.done()]
         if pending:
             await asyncio.wait(pending, timeout=timeout)
+
+
+async def _result_of(value):
+    """What ``maybe_future`` gives, awaiting a coroutine in place: no Task,
+    no extra turn of the event loop (for the most frequent call, poll)"""
+    if asyncio.iscoroutine(value):
+        return await value
+    return await maybe_future(value)
 
 
 def _merge_env(spawner, hub_env):
