@@ -257,7 +257,7 @@ class ServerManager(LoggingConfigurable):
             self._run_start(managed, certs or {}, trust_bundles or {}, run_async)
         )
         # a finished task is not kept: 10,000 running servers, 10,000 tasks less
-        task.add_done_callback(lambda t: managed.forget_start_task(t))
+        task.add_done_callback(managed.forget_start_task)
         if run_async:
             self._keep(task)
             return {"service": ""}
