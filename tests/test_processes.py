@@ -88,6 +88,13 @@ async def listing(process):
     return {(s["name"], s["start_id"]) for s in json_of(response)}
 
 
+async def assert_nothing_left(tmp_path, *processes):
+    """No process lists a server, and the shared database holds none"""
+    for process in processes:
+        assert await listing(process) == set()
+    assert records(tmp_path) == 0
+
+
 async def start_all(targets, bodies, client):
     responses = await asyncio.gather(
         *(start(t, b, client=client) for t, b in zip(targets, bodies))
@@ -181,9 +188,7 @@ async def test_stops_sent_to_both_processes_at_once_end_the_server_once(
             assert len(stopped_lines(one, body) + stopped_lines(two, body)) == 1
             for process in (one, two):
                 assert (await poll(process, body)).code == 404
-        for process in (one, two):
-            assert await listing(process) == set()
-        assert records(tmp_path) == 0
+        await assert_nothing_left(tmp_path, one, two)
     finally:
         client.close()
     assert_clean_logs(one, two)
@@ -207,9 +212,7 @@ async def test_fifty_concurrent_stops_over_two_processes_all_finish(
         for i, body in enumerate(bodies):
             assert 200 in codes[2 * i : 2 * i + 2], codes
             assert len(stopped_lines(one, body) + stopped_lines(two, body)) == 1, key_of(body)
-        for process in (one, two):
-            assert await listing(process) == set()
-        assert records(tmp_path) == 0
+        await assert_nothing_left(tmp_path, one, two)
     finally:
         client.close()
     assert_clean_logs(one, two)
