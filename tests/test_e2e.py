@@ -103,6 +103,13 @@ async def wait_ready(hub, user, server, timeout=90):
     await wait_until(ready, timeout=timeout, message=f"{user}/{server} ready at the hub")
 
 
+async def running_server(hub, user):
+    """User ``user`` with a ready server "lab" (through the real OutpostSpawner)"""
+    await create_users(hub, user)
+    await start_server(hub, user, "lab")
+    await wait_ready(hub, user, "lab")
+
+
 async def wait_gone(hub, user, server, timeout=60):
     async def gone():
         return await server_model(hub, user, server) is None
@@ -217,9 +224,7 @@ async def test_refused_override_is_shown_to_the_user(hub, outpost):
 
 
 async def test_hub_restart_keeps_servers(hub, outpost):
-    await create_users(hub, "fay")
-    await start_server(hub, "fay", "lab")
-    await wait_ready(hub, "fay", "lab")
+    await running_server(hub, "fay")
     pids = singleuser_pids("fay", hub)
     assert len(pids) == 1
 
@@ -235,9 +240,7 @@ async def test_hub_restart_keeps_servers(hub, outpost):
 
 
 async def test_outpost_crash_keeps_servers_pollable_and_stoppable(hub, outpost):
-    await create_users(hub, "gus")
-    await start_server(hub, "gus", "lab")
-    await wait_ready(hub, "gus", "lab")
+    await running_server(hub, "gus")
     pids = singleuser_pids("gus", hub)
     assert len(pids) == 1
 
@@ -259,9 +262,7 @@ async def test_outpost_crash_keeps_servers_pollable_and_stoppable(hub, outpost):
 
 
 async def test_server_ended_at_the_outpost_is_noticed_by_the_hub(hub, outpost):
-    await create_users(hub, "hal")
-    await start_server(hub, "hal", "lab")
-    await wait_ready(hub, "hal", "lab")
+    await running_server(hub, "hal")
     (record,) = [s for s in await outpost_listing(outpost) if s["user"] == "hal"]
     response = await api_request(outpost, "services", "lab", record["start_id"], method="DELETE")
     assert response.code == 200

@@ -49,6 +49,14 @@ async def poll(app, name, start_id, hub="hub-a"):
     return await api_request(app, "services", name, start_id, hub=hub)
 
 
+async def start_running(app, body):
+    """Start ``body``'s server; return the pid of its process once it runs"""
+    response = await api_request(app, "services", method="POST", body=body)
+    assert response.code == 200, response.body
+    [pid] = await wait_until(lambda: processes_of(body), timeout=20, message="the process")
+    return pid
+
+
 async def assert_forgotten(app, name, start_id, hub="hub-a"):
     response = await poll(app, name, start_id, hub=hub)
     assert response.code == 404, response.body
@@ -107,9 +115,7 @@ async def test_hubs_do_not_see_each_others_servers(app, fake_hub):
 async def test_default_server_with_empty_name(app, fake_hub):
     body = new_body(fake_hub, "dora", "")
     start_id = body["user_options"]["start_id"]
-    response = await api_request(app, "services", method="POST", body=body)
-    assert response.code == 200, response.body
-    [pid] = await wait_until(lambda: processes_of(body), timeout=20, message="the process")
+    pid = await start_running(app, body)
     # poll and stop address it as /services//{start_id}
     assert json_of(await poll(app, "", start_id)) == {"status": None}
     assert [(s["name"], s["start_id"]) for s in await listing(app)] == [("", start_id)]
@@ -122,9 +128,7 @@ async def test_default_server_with_empty_name(app, fake_hub):
 async def test_concurrent_stops_both_succeed(app, fake_hub):
     body = new_body(fake_hub, "stan", "twostops")
     start_id = body["user_options"]["start_id"]
-    response = await api_request(app, "services", method="POST", body=body)
-    assert response.code == 200, response.body
-    [pid] = await wait_until(lambda: processes_of(body), timeout=20, message="the process")
+    pid = await start_running(app, body)
     responses = await asyncio.gather(
         *(api_request(app, "services", "twostops", start_id, method="DELETE") for _ in range(2))
     )
@@ -178,9 +182,7 @@ async def test_start_sends_events_and_flavor_updates(app, fake_hub):
 async def test_poll_reports_exit_status_of_ended_server(app, fake_hub):
     body = new_body(fake_hub, "ender", "ends")
     start_id = body["user_options"]["start_id"]
-    response = await api_request(app, "services", method="POST", body=body)
-    assert response.code == 200, response.body
-    [pid] = await wait_until(lambda: processes_of(body), timeout=20, message="the process")
+    pid = await start_running(app, body)
     assert json_of(await poll(app, "ends", start_id)) == {"status": None}
 
     os.kill(pid, signal.SIGKILL)
