@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+import uuid
 
 import yaml
 
@@ -330,9 +331,55 @@ class JupyterHubOutpost(Application):
     pending_timeout = Float(
         600,
         help="""Seconds after which a start or stop still marked pending is taken
-        as interrupted (the process that ran it died) and cleaned up.
+        as interrupted and cleaned up when nothing tells whether the process
+        that ran it still lives.
 
+        A start or stop whose process is known to be gone (its lease in the
+        database expired, or it ran on this host and its pid ended, as after
+        a crash and restart) is finished at once, without waiting this long.
         Keep it above the spawner's ``start_timeout``.
+        """,
+    ).tag(config=True)
+
+    poll_timeout = Float(
+        10,
+        help="""Seconds a poll waits for the Spawner's ``poll()`` (and ``get_logs()``).
+
+        A poll that takes longer is answered 503 (the status cannot be told),
+        so that the hub keeps the server and asks again; it is never taken
+        as a status. Keep it below the hub's request timeout (30 s by default
+        in the OutpostSpawner).
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    stop_timeout = Float(
+        60,
+        help="""Seconds a stop waits for the Spawner's ``stop()`` (and again for
+        ``post_stop_hook``).
+
+        A stop that takes longer fails with 503: the server stays recorded,
+        polls ask the Spawner, and it can be stopped again. How long a stop
+        takes is the Spawner's business: LocalProcessSpawner sends SIGINT,
+        SIGTERM and SIGKILL, waiting ``interrupt_timeout``, ``term_timeout``
+        and ``kill_timeout`` (10 + 5 + 5 s by default) in between; keep their
+        sum below this.
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    spawner_threads = Integer(
+        16,
+        help="""Threads for Spawner methods and hooks that are plain functions.
+
+        Coroutine methods (``async def``, as in JupyterHub's own Spawners) run
+        on the event loop; a plain function may block (a synchronous
+        subprocess or HTTP call), so it runs in one of these threads and
+        other requests go on meanwhile.
+
+        .. versionadded:: 0.2
         """,
     ).tag(config=True)
 
@@ -499,6 +546,7 @@ class JupyterHubOutpost(Application):
 
     # runtime state, not configuration
     db = None
+    process_owner = ""
     hub_client = None
     server_manager = None
     http_server = None
@@ -661,6 +709,8 @@ class JupyterHubOutpost(Application):
 
     def init_servers(self):
         self.hub_client = HubClient(parent=self)
+        self.process_owner = f"{self.instance_name}-{uuid.uuid4().hex[:8]}"
+        self.db.owner = self.process_owner
         self.server_manager = ServerManager(self)
         self.log.info("Spawner: %s.%s", self.spawner_class.__module__, self.spawner_class.__name__)
 
@@ -710,6 +760,9 @@ class JupyterHubOutpost(Application):
 
     async def start(self):
         """Listen and begin background work; returns once the port is open"""
+        self.background = BackgroundWork(self)
+        # before the port opens: the records of this process' starts name it
+        await self.background.register_process()
         self.http_server = HTTPServer(
             self.tornado_application, max_body_size=4 * self.max_body_size + 65536
         )
@@ -721,7 +774,6 @@ class JupyterHubOutpost(Application):
             __version__, self.ip or "*", self.bound_port, self.base_url,
         )  # fmt: skip
         self._stopped = asyncio.Event()
-        self.background = BackgroundWork(self)
         self.background.start()
         # What exists now (modules, configuration, the application) lives as
         # long as the process: keep it out of the garbage collector's full

@@ -8,14 +8,18 @@ pending flags) lives in the database, so it survives restarts.
 """
 
 import asyncio
-import uuid
 from datetime import timedelta
 
 from traitlets.config import LoggingConfigurable
 
+from .liveness import process_identity
+from .orm import PROCESS_LEASE_PREFIX
 from .utils import as_utc, utcnow
 
 LEASE = "background"
+
+# process leases expired this long ago, owning nothing, are deleted
+FORGET_PROCESSES_AFTER = timedelta(days=1)
 
 
 class BackgroundWork(LoggingConfigurable):
@@ -28,23 +32,51 @@ class BackgroundWork(LoggingConfigurable):
     def __init__(self, app, **kwargs):
         super().__init__(parent=app, **kwargs)
         self.app = app
-        self.owner = f"{app.instance_name}-{uuid.uuid4().hex[:8]}"
+        self.owner = app.process_owner
+        self.identity = process_identity()
         self.holds_lease = False
         self._last_housekeeping = {}
         self._task = None
+        self._renewer = None
+
+    @property
+    def process_lease(self):
+        return PROCESS_LEASE_PREFIX + self.owner
+
+    async def register_process(self):
+        """Take this process' own lease, which tells others that it lives"""
+        await self.app.db.acquire_lease(self.process_lease, self.identity, self.app.lease_ttl)
 
     def start(self):
         self._task = asyncio.create_task(self._loop())
+        self._renewer = asyncio.create_task(self._renew_process_lease())
 
     async def stop(self):
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait([self._task])
+        for task in (self._task, self._renewer):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task])
+        leases = [(self.process_lease, self.identity)]
         if self.holds_lease:
+            leases.append((LEASE, self.owner))
+        for name, owner in leases:
             try:
-                await self.app.db.release_lease(LEASE, self.owner)
+                await self.app.db.release_lease(name, owner)
             except Exception as e:
-                self.log.warning("Could not release the background lease: %s", e)
+                self.log.warning("Could not release the lease %s: %s", name, e)
+
+    async def _renew_process_lease(self):
+        """Renew this process' lease three times per ``lease_ttl``, whatever
+        the background rounds do meanwhile"""
+        interval = self.app.lease_ttl / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.register_process()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.log.warning("Could not renew this process' lease: %s", e)
 
     async def _loop(self):
         interval = self.app.cleanup_interval
@@ -59,8 +91,11 @@ class BackgroundWork(LoggingConfigurable):
 
     async def run_once(self):
         """One round: take or renew the lease; if held, do the work"""
-        # every process, lease or not: what it holds in memory
-        await self.app.server_manager.drop_forgotten()
+        # every process, lease or not: what it holds in memory, and what
+        # crashed processes left (a claim in the database decides who)
+        manager = self.app.server_manager
+        await manager.drop_forgotten()
+        await manager.cleanup_interrupted()
         held = await self.app.db.acquire_lease(LEASE, self.owner, self.app.lease_ttl)
         if held != self.holds_lease:
             self.log.info(
@@ -70,8 +105,7 @@ class BackgroundWork(LoggingConfigurable):
             self.holds_lease = held
         if not held:
             return
-        manager = self.app.server_manager
-        await manager.cleanup_interrupted(self.app.pending_timeout)
+        await self.app.db.forget_old_processes(utcnow() - FORGET_PROCESSES_AFTER)
         # renewed between the parts, so that a long round keeps the lease
         if await self.renew():
             await self.enforce_runtimes()

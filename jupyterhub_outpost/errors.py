@@ -39,7 +39,10 @@ class StatusUnknownError(OutpostError):
 
 
 class StopFailedError(OutpostError):
-    status_code = 500
+    """The Spawner's stop() failed or timed out: the server may still run,
+    stays recorded, and can be stopped again"""
+
+    status_code = 503
 
 
 class DatabaseUnavailableError(OutpostError):

@@ -42,7 +42,7 @@ from sqlalchemy.exc import InterfaceError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .errors import DatabaseUnavailableError, ServerExistsError
-from .utils import utcnow
+from .utils import as_utc, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,9 @@ class Server(Base):
         DateTime(timezone=True), nullable=True
     )
     end_warned: Mapped[bool] = mapped_column(Boolean, default=False)
+    # the Outpost process that runs this server's pending start or stop
+    # (its process lease tells whether it still lives); "" when none
+    owner: Mapped[str] = mapped_column(Unicode(255), default="")
 
 
 class Lease(Base):
@@ -148,6 +151,7 @@ class ServerRecord:
     last_update: datetime
     end_date: Optional[datetime]
     end_warned: bool
+    owner: str
     state: Optional[dict] = field(default=None, repr=False)
     request: Optional[dict] = field(default=None, repr=False)
 
@@ -193,6 +197,7 @@ _SERVER_COLUMNS = (
     Server.last_update,
     Server.end_date,
     Server.end_warned,
+    Server.owner,
 )
 
 # One server by its key. Built once: every poll runs it, and building the
@@ -240,19 +245,56 @@ _STATE_UPDATE = (
     .where(Server.id == bindparam("sid"))
     .values(state=bindparam("state"), last_update=bindparam("last_update"))
 )
+# A finished start: unless a stop was asked for meanwhile (by another process)
+_START_DONE = _STATE_UPDATE.where(Server.stop_pending.is_(False)).values(
+    start_pending=False, owner=""
+)
 # (with the service address, start done) -> statement
 _SAVE_STATE = {
     (False, False): _STATE_UPDATE,
-    (False, True): _STATE_UPDATE.values(start_pending=False),
+    (False, True): _START_DONE,
     (True, False): _STATE_UPDATE.values(service=bindparam("service")),
-    (True, True): _STATE_UPDATE.values(service=bindparam("service"), start_pending=False),
+    (True, True): _START_DONE.values(service=bindparam("service")),
 }
+# this process stops a running server
 _CLAIM_STOP = (
     update(Server)
-    .where(Server.id == bindparam("sid"), Server.stop_pending.is_(False))
+    .where(
+        Server.id == bindparam("sid"),
+        Server.stop_pending.is_(False),
+        Server.start_pending.is_(False),
+    )
+    .values(stop_pending=True, owner=bindparam("me"), last_update=bindparam("last_update"))
+)
+# a stop for a server another live process is starting: that process ends the start
+_REQUEST_STOP = (
+    update(Server)
+    .where(
+        Server.id == bindparam("sid"),
+        Server.stop_pending.is_(False),
+        Server.start_pending.is_(True),
+    )
     .values(stop_pending=True, last_update=bindparam("last_update"))
 )
+# a stop failed: the server runs on, and may be stopped again
+_RELEASE_STOP = (
+    update(Server)
+    .where(Server.id == bindparam("sid"), Server.owner == bindparam("me"))
+    .values(stop_pending=False, owner="", last_update=bindparam("last_update"))
+)
+# the start or stop of a dead process: this process finishes it (as a stop)
+_TAKE_OVER = (
+    update(Server)
+    .where(
+        Server.id == bindparam("sid"),
+        Server.owner == bindparam("dead"),
+        Server.start_pending | Server.stop_pending,
+    )
+    .values(stop_pending=True, owner=bindparam("me"), last_update=bindparam("last_update"))
+)
 _DELETE_SERVER = delete(Server).where(Server.id == bindparam("sid"))
+
+PROCESS_LEASE_PREFIX = "process:"
 
 
 class Database:
@@ -300,6 +342,8 @@ class Database:
         self._status = _Statement(_SERVER_STATUS, self.engine.dialect)
         self._hub_ids = {}
         self._user_ids = {}  # (hub id, hub's user id) -> (user id, name)
+        # the process whose starts add_server records (see servers.owner)
+        self.owner = ""
 
     async def _run(self, fn, *args):
         """Run ``fn(connection, *args)`` in a writer thread, in one transaction"""
@@ -433,6 +477,7 @@ class Database:
             last_update=now,
             end_date=kwargs.get("end_date"),
             end_warned=False,
+            owner=kwargs.get("owner", self.owner),
         )
 
     def _user(self, connection, hub_id, hub_user_id, user_name):
@@ -485,6 +530,7 @@ class Database:
                     "last_update": now,
                     "end_date": kw.get("end_date"),
                     "end_warned": False,
+                    "owner": kw.get("owner", self.owner),
                 },
             )
         except IntegrityError:
@@ -597,13 +643,70 @@ class Database:
         statement = _SAVE_STATE[service is not None, start_done]
         return connection.execute(statement, params).rowcount == 1
 
-    async def claim_stop(self, server_id):
-        """Mark a server as stopping. True if this call set the flag."""
-        return await self._run(self._claim_stop, server_id)
+    async def claim_stop(self, server_id, owner):
+        """Mark a running server as stopping by ``owner``. True if this call set the flag."""
+        return await self._run(self._claim_stop, server_id, owner)
 
-    def _claim_stop(self, connection, server_id):
-        result = connection.execute(_CLAIM_STOP, {"sid": server_id, "last_update": utcnow()})
-        return result.rowcount == 1
+    def _claim_stop(self, connection, server_id, owner):
+        params = {"sid": server_id, "me": owner, "last_update": utcnow()}
+        return connection.execute(_CLAIM_STOP, params).rowcount == 1
+
+    async def request_stop(self, server_id):
+        """Ask the process that starts a server to end that start.
+        True if this call set the flag."""
+        return await self._run(self._request_stop, server_id)
+
+    def _request_stop(self, connection, server_id):
+        params = {"sid": server_id, "last_update": utcnow()}
+        return connection.execute(_REQUEST_STOP, params).rowcount == 1
+
+    async def release_stop(self, server_id, owner):
+        """After a failed stop: the server is running (and stoppable) again"""
+        return await self._run(self._release_stop, server_id, owner)
+
+    def _release_stop(self, connection, server_id, owner):
+        params = {"sid": server_id, "me": owner, "last_update": utcnow()}
+        return connection.execute(_RELEASE_STOP, params).rowcount == 1
+
+    async def take_over(self, server_id, dead_owner, owner):
+        """Take the pending start or stop of a dead process, to stop the server.
+        True if this call took it."""
+        return await self._run(self._take_over, server_id, dead_owner, owner)
+
+    def _take_over(self, connection, server_id, dead_owner, owner):
+        params = {"sid": server_id, "dead": dead_owner, "me": owner, "last_update": utcnow()}
+        return connection.execute(_TAKE_OVER, params).rowcount == 1
+
+    # the processes that own pending starts and stops
+
+    async def process_leases(self, owners):
+        """``{owner: (identity, expires)}`` of the process leases of ``owners``"""
+        if not owners:
+            return {}
+        return await self._read(self._process_leases, sorted(owners))
+
+    def _process_leases(self, connection, owners):
+        names = [PROCESS_LEASE_PREFIX + o for o in owners]
+        rows = connection.execute(
+            select(Lease.name, Lease.owner, Lease.expires).where(Lease.name.in_(names))
+        )
+        prefix = len(PROCESS_LEASE_PREFIX)
+        return {name[prefix:]: (identity, as_utc(expires)) for name, identity, expires in rows}
+
+    async def forget_old_processes(self, before):
+        """Delete process leases that expired before ``before`` and own nothing"""
+        return await self._run(self._forget_old_processes, before)
+
+    def _forget_old_processes(self, connection, before):
+        owners = select(PROCESS_LEASE_PREFIX + Server.owner).where(Server.owner != "")
+        result = connection.execute(
+            delete(Lease).where(
+                Lease.name.startswith(PROCESS_LEASE_PREFIX),
+                Lease.expires < before,
+                Lease.name.not_in(owners),
+            )
+        )
+        return result.rowcount
 
     async def delete_server(self, server_id):
         """Forget a server. True if it was still recorded."""

@@ -32,9 +32,12 @@ from .errors import (
     StatusUnknownError,
     StopFailedError,
 )
+from .liveness import known_gone
 from .log import secrets
 from .objects import OutpostDB, OutpostHub, OutpostORMSpawner, OutpostUser
-from .utils import as_utc, format_service_address, isoformat, wait_until
+from .spawnercalls import SpawnerCalls, runs_on_loop
+from .statekeeper import StateKeeper, state_is_unknown, state_to_save
+from .utils import as_utc, format_service_address, isoformat, utcnow, wait_until
 
 # Spawner attributes a start request may never set: they connect the
 # Spawner to the Outpost, or carry credentials.
@@ -83,6 +86,10 @@ class ManagedServer:
         self.request = request
         self.spawner = spawner
         self.start_task = None
+        self.keeper = None  # a StateKeeper while the start runs
+        self.state_unknown = False  # restored from a state that was not a dict
+        self._poll_call = None  # a poll() running in a thread
+        self.stop_call = None  # a stop() running in a thread
         self.log_name = "{}/{}/{}".format(*record.key)
 
     @property
@@ -104,9 +111,30 @@ class ManagedServer:
             orm_spawner.release_server(self.spawner)
 
     async def save_state(self, service=None, start_done=False):
-        await self.manager.db.save_state(
-            self.record.id, self.spawner.get_state(), service, start_done
+        """Store the Spawner's state; False when a finished start was not
+        recorded as done (another process asked for a stop meanwhile)"""
+        return await self.manager.db.save_state(
+            self.record.id, state_to_save(self.spawner), service, start_done
         )
+
+    async def poll(self, calls, timeout):
+        """The Spawner's ``poll()``, raising ``asyncio.TimeoutError`` after ``timeout``"""
+        poll = self.spawner.poll
+        if runs_on_loop(poll):
+            return await calls.call(poll, timeout=timeout)
+        # a thread cannot be interrupted: never more than one poll() per server
+        if self._poll_call is None or self._poll_call.done():
+            self._poll_call = asyncio.ensure_future(calls.submit(poll))
+        return await asyncio.wait_for(asyncio.shield(self._poll_call), timeout)
+
+    async def stop(self, calls, timeout, now=False):
+        """The Spawner's ``stop()``, raising ``asyncio.TimeoutError`` after ``timeout``"""
+        stop = self.spawner.stop
+        if runs_on_loop(stop):
+            return await calls.call(stop, now=now, timeout=timeout)
+        if self.stop_call is None or self.stop_call.done():
+            self.stop_call = asyncio.ensure_future(calls.submit(stop, now=now))
+        return await asyncio.wait_for(asyncio.shield(self.stop_call), timeout)
 
 
 class ServerManager(LoggingConfigurable):
@@ -125,12 +153,14 @@ class ServerManager(LoggingConfigurable):
         self.active = {}  # key -> ManagedServer held by this process
         self._restoring = {}  # key -> Future[ManagedServer]
         self._stopping = {}  # key -> Task
-        self._claimed = set()  # ids of servers whose stop this process began
         self._background = set()
         self._hubs = {}  # hub env values -> OutpostHub
         # turns for the Outpost's own work of starts and stops; never held
         # while waiting for anything but the database
         self._turns = asyncio.Semaphore(max(1, app.concurrent_bookkeeping))
+        # this process, as named in the records of the starts and stops it runs
+        self.owner = app.process_owner
+        self.calls = SpawnerCalls(app.spawner_threads)
 
     # building spawners
 
@@ -192,6 +222,9 @@ class ServerManager(LoggingConfigurable):
                 raise OverrideRefusedError(f"Invalid value for {key}: {e}") from None
 
     async def _commit_state(self, managed):
+        if managed.keeper is not None:
+            managed.keeper.wake()  # a start runs: its keeper saves what changed
+            return
         try:
             await managed.save_state()
         except Exception:
@@ -270,6 +303,8 @@ class ServerManager(LoggingConfigurable):
         spawner = managed.spawner
         spawner._spawn_pending = True
         forwarder = start_future = None
+        keeper = managed.keeper = StateKeeper(managed, self.db, self.log)
+        keeper.start(on_stop_requested=managed.start_task.cancel)
         try:
             if self.app.events_enabled(managed.record.hub):
                 await self.hub_client.send_event(
@@ -281,10 +316,10 @@ class ServerManager(LoggingConfigurable):
                 # as JupyterHub does, but only when configured: the protocol's
                 # own keys (start_id, flavor) are not the spawner's business
                 await spawner._run_apply_user_options(spawner.user_options)
-            await maybe_future(spawner.run_pre_spawn_hook())
+            await self.calls.call(spawner.run_pre_spawn_hook)
             if certs:
                 await self._install_certs(managed, certs, trust_bundles)
-            start_future = asyncio.ensure_future(maybe_future(spawner.start()))
+            start_future = asyncio.ensure_future(self.calls.submit(spawner.start))
             spawner._spawn_future = start_future
             if self.app.events_enabled(managed.record.hub):
                 forwarder = asyncio.create_task(self._forward_progress(managed, start_future))
@@ -302,17 +337,23 @@ class ServerManager(LoggingConfigurable):
             spawner._spawn_future = None  # as JupyterHub does once a spawn finished
             if forwarder is not None:
                 await asyncio.wait([forwarder], timeout=self.app.hub_client.request_timeout)
+            await self._end_keeper(managed)
             async with self._turns:
                 await managed.outpost_db.flush_pending()
-                await managed.save_state(service=service, start_done=True)
+                done = await managed.save_state(service=service, start_done=True)
+            if not done:
+                raise _StopRequested()
             managed.release_memory()
             self.log.info("%s - started at %s", managed.log_name, service or "(address follows)")
             self._after_change(managed)
             return service
-        except asyncio.CancelledError:
-            self.log.info("%s - start cancelled", managed.log_name)
+        except (asyncio.CancelledError, _StopRequested) as e:
+            self.log.info("%s - start cancelled by a stop request", managed.log_name)
             await self._end_start_future(managed, start_future)
+            await self._end_keeper(managed)
             await self._discard_failed_start(managed)
+            if isinstance(e, _StopRequested):
+                raise StartCancelledError("The start was cancelled by a stop request") from None
             raise
         except Exception as e:
             self.log.error("%s - start failed: %s", managed.log_name, _describe(e))
@@ -320,10 +361,13 @@ class ServerManager(LoggingConfigurable):
             if run_async:
                 await self.hub_client.send_event(managed.env, _failed_event(e), managed.log_name)
             await self._end_start_future(managed, start_future)
+            await self._end_keeper(managed)
             await self._discard_failed_start(managed)
             raise StartFailedError(e) from e
         finally:
             spawner._spawn_pending = False
+            if managed.keeper is not None:
+                await self._end_keeper(managed)
             if forwarder is not None and not forwarder.done():
                 # start_future is done, so the forwarder ends by itself; cancelled
                 # while iterate_until waits, it would orphan a pending __anext__()
@@ -331,6 +375,16 @@ class ServerManager(LoggingConfigurable):
                 await asyncio.wait([forwarder], timeout=1)
                 if not forwarder.done():
                     forwarder.cancel()
+
+    async def _end_keeper(self, managed):
+        """Stop saving the state as it changes, after one last save"""
+        keeper, managed.keeper = managed.keeper, None
+        if keeper is None:
+            return
+        try:
+            await keeper.stop()
+        except Exception as e:
+            self.log.warning("%s - could not save the state: %s", managed.log_name, _describe(e))
 
     async def _end_start_future(self, managed, start_future, timeout=10):
         """Cancel a ``Spawner.start()`` still running and wait until it ended.
@@ -359,11 +413,21 @@ class ServerManager(LoggingConfigurable):
             self.log.exception("%s - could not forward progress", managed.log_name)
 
     async def _discard_failed_start(self, managed):
-        """After a failed or cancelled start: stop, forget, tell the hub"""
+        """After a failed or cancelled start: stop, forget, tell the hub.
+
+        When that stop fails too, the record stays (start pending, no owner):
+        what the start launched may still run, and cleanup tries again after
+        ``pending_timeout``.
+        """
         try:
-            await maybe_future(managed.spawner.stop(now=True))
+            await managed.stop(self.calls, self.app.stop_timeout, now=True)
         except Exception as e:
-            self.log.warning("%s - stop after failed start: %s", managed.log_name, _describe(e))
+            reason = _describe(e) if not isinstance(e, asyncio.TimeoutError) else "timed out"
+            self.log.error("%s - stop after failed start: %s; keeping its record", managed.log_name, reason)
+            await self.db.release_stop(managed.record.id, self.owner)
+            if self.active.get(managed.record.key) is managed:
+                del self.active[managed.record.key]
+            return
         await self._forget(managed)
 
     async def _forget(self, managed):
@@ -441,7 +505,10 @@ class ServerManager(LoggingConfigurable):
         if full is None:
             raise ServerNotFoundError()
         managed = self.build_spawner(full, full.request)
-        if full.state:
+        if state_is_unknown(full.state) or (full.state is None and not full.start_pending):
+            # get_state() gave no dict: nothing tells whether the server runs
+            managed.state_unknown = True
+        elif full.state:
             managed.spawner.load_state(full.state)
         if os.path.isdir(self._cert_dir(full)):
             managed.spawner.internal_ssl = True
@@ -451,35 +518,56 @@ class ServerManager(LoggingConfigurable):
         return managed
 
     async def poll(self, hub, name, start_id, collect_logs=False):
-        """``{"status": None}`` while running, the exit status when ended"""
+        """``{"status": None}`` while running, the exit status when ended.
+
+        The status is the Spawner's own ``poll()``, also while a stop runs
+        or after one failed. When that cannot tell (it fails, runs past
+        ``poll_timeout``, or the state was lost) the answer is 503, so that
+        the hub keeps the server.
+        """
         key = (hub, name, start_id)
         found = await self.db.server_status(hub, name, start_id)
         if found is None:
             self._drop_stale(key)
             raise ServerNotFoundError()
-        record_id, start_pending, stop_pending = found
-        if stop_pending:
-            return {"status": 0}
+        record_id, start_pending, _stop_pending = found
         if start_pending:
             return {"status": None}
         managed = await self._managed(key, record_id)
-        try:
-            status = await _result_of(managed.spawner.poll())
-        except Exception as e:
-            self.log.error("%s - poll failed: %s", managed.log_name, _describe(e))
-            raise StatusUnknownError(f"The server's status cannot be determined: {_describe(e)}")
-        model = {"status": status}
+        model = {"status": await self._spawner_status(managed)}
         if collect_logs:
             model["logs"] = await self._logs(managed)
         return model
+
+    async def _spawner_status(self, managed):
+        if managed.state_unknown:
+            raise StatusUnknownError(
+                "The server's status cannot be determined: its Spawner gave no state to keep"
+            )
+        timeout = self.app.poll_timeout
+        try:
+            return await managed.poll(self.calls, timeout)
+        except asyncio.TimeoutError:
+            self.log.error("%s - poll did not answer within %s s", managed.log_name, timeout)
+            raise StatusUnknownError(
+                f"The server's status cannot be determined: poll() did not answer within {timeout} s"
+            ) from None
+        except Exception as e:
+            self.log.error("%s - poll failed: %s", managed.log_name, _describe(e))
+            raise StatusUnknownError(
+                f"The server's status cannot be determined: {_describe(e)}"
+            ) from None
 
     async def _logs(self, managed):
         get_logs = getattr(managed.spawner, "get_logs", None)
         if not callable(get_logs):
             return []
         try:
-            logs = await maybe_future(get_logs())
+            logs = await self.calls.call(get_logs, timeout=self.app.poll_timeout)
             return [str(line) for line in logs or []]
+        except asyncio.TimeoutError:
+            self.log.warning("%s - get_logs() did not answer in time", managed.log_name)
+            return []
         except Exception as e:
             self.log.warning("%s - could not collect logs: %s", managed.log_name, _describe(e))
             return []
@@ -502,49 +590,107 @@ class ServerManager(LoggingConfigurable):
             return {}
         return {"logs": await asyncio.shield(task)}
 
-    async def _run_stop(self, record, collect_logs, force=False):
+    async def _run_stop(self, record, collect_logs):
         managed = self.active.get(record.key)
         if managed is not None and managed.starting:
             managed.start_task.cancel()
             await asyncio.wait([managed.start_task])
             return []
-        if record.start_pending and not force:
-            # started by another process, or interrupted by a restart
-            raise ServerBusyError("The server is still starting; try again later")
+        record = await self._claim_stop(record)
+        if record is None:
+            return []  # another process stopped it
         async with self._turns:
-            claimed = await self.db.claim_stop(record.id)
-            if claimed or force or record.id in self._claimed:
-                self._claimed.add(record.id)
-                managed = await self._managed(record.key, record.id)
-        if record.id not in self._claimed:
-            await self._wait_for_other_stop(record)
-            return []
+            managed = await self._managed(record.key, record.id)
         logs = await self._logs(managed) if collect_logs else []
+        timeout = self.app.stop_timeout
         try:
-            await maybe_future(managed.spawner.stop())
+            await managed.stop(self.calls, timeout)
         except Exception as e:
-            self.log.error("%s - stop failed: %s", managed.log_name, _describe(e))
-            raise StopFailedError(f"The server could not be stopped: {_describe(e)}") from e
-        await maybe_future(managed.spawner.run_post_stop_hook())
+            reason = f"stop() did not finish within {timeout} s" if isinstance(
+                e, asyncio.TimeoutError) else _describe(e)  # fmt: skip
+            self.log.error("%s - stop failed: %s", managed.log_name, reason)
+            await self.db.release_stop(record.id, self.owner)
+            raise StopFailedError(f"The server could not be stopped: {reason}") from None
+        try:
+            await self.calls.call(managed.spawner.run_post_stop_hook, timeout=timeout)
+        except Exception as e:
+            self.log.error("%s - post_stop_hook failed: %s", managed.log_name, _describe(e))
         managed.spawner.clear_state()
         await self._forget(managed)
-        self._claimed.discard(record.id)
         self.log.info("%s - stopped", managed.log_name)
         return logs
 
-    async def _wait_for_other_stop(self, record):
-        """Another process is stopping this server: wait until it is forgotten"""
+    async def _claim_stop(self, record):
+        """Make this process the one that stops ``record``: claim it, take it
+        over from a dead process, or wait while another process stops it.
 
-        async def forgotten():
-            return await self.db.get_server(*record.key) is None
+        Returns the record, or None once another process stopped the server.
+        """
+        deadline = time.monotonic() + self.app.stop_timeout + OTHER_STOP_WAIT
+        while True:
+            if await self._claim(record):
+                return record
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ServerBusyError(
+                    "Another Outpost process is stopping this server; try again later"
+                )
+            record = await self._next_change(record, remaining)
+            if record is None:
+                return None
+
+    async def _claim(self, record):
+        """True if this process may stop ``record`` now"""
+        if record.owner == self.owner and (record.start_pending or record.stop_pending):
+            return True
+        if record.start_pending or record.stop_pending:
+            if await self._owner_gone(record):
+                return await self.db.take_over(record.id, record.owner, self.owner)
+            if record.start_pending:
+                # the process that starts it ends the start when it sees this
+                await self.db.request_stop(record.id)
+            return False
+        return await self.db.claim_stop(record.id, self.owner)
+
+    async def _next_change(self, record, timeout):
+        """The record once its stop can go on, or None once it is gone"""
+        result = {}
+
+        async def changed():
+            current = await self.db.get_server(*record.key)
+            if current is None or current.id != record.id:
+                result["record"] = None
+                return True
+            if not (current.start_pending or current.stop_pending) or await self._owner_gone(current):
+                result["record"] = current
+                return True
+            return False
 
         try:
-            await wait_until(forgotten, timeout=OTHER_STOP_WAIT, message="the other stop")
+            await wait_until(changed, timeout=timeout, message="the other stop")
         except TimeoutError:
-            raise ServerBusyError(
-                "Another Outpost process is stopping this server; try again later"
-            ) from None
-        self._drop_stale(record.key)
+            return record
+        if result["record"] is None:
+            self._drop_stale(record.key)
+        return result["record"]
+
+    async def _owner_gone(self, record, leases=None, now=None):
+        """True if the process that runs ``record``'s pending start or stop ended.
+
+        Without a recorded owner (or its lease), only age tells:
+        ``pending_timeout`` seconds since the last update.
+        """
+        now = now or utcnow()
+        if record.owner == self.owner:
+            return False
+        if record.owner:
+            if leases is None:
+                leases = await self.db.process_leases({record.owner})
+            lease = leases.get(record.owner)
+            if lease is not None:
+                return known_gone(lease, now)
+        age = (now - as_utc(record.last_update)).total_seconds()
+        return age >= self.app.pending_timeout
 
     def _drop_stale(self, key):
         """Forget this process' Spawner of a server whose record is gone
@@ -575,26 +721,29 @@ class ServerManager(LoggingConfigurable):
         """This hub's servers as listing models (no secrets)"""
         return [_list_model(r) for r in await self.db.list_servers(hub)]
 
-    async def cleanup_interrupted(self, min_age):
+    async def cleanup_interrupted(self):
         """Finish what a crash left behind.
 
-        Starts pending for longer than ``min_age`` seconds (their process died
-        mid-start) are stopped and forgotten; stops pending that long are
-        completed. Younger ones may belong to another live process.
+        A start or stop whose process is gone (see :mod:`.liveness`), or that
+        is pending for longer than ``pending_timeout`` without a known owner,
+        was interrupted: its server is stopped with the state that was saved,
+        and forgotten. Every process may do this; a claim in the database
+        decides which one does.
         """
-        now = time.time()
-        for record in await self.db.list_servers(pending_only=True):
-            age = now - as_utc(record.last_update).timestamp()
-            if age < min_age or record.key in self.active:
+        records = await self.db.list_servers(pending_only=True)
+        now = utcnow()
+        leases = await self.db.process_leases({r.owner for r in records if r.owner})
+        for record in records:
+            if record.key in self.active or record.key in self._stopping:
                 continue
-            self.log.warning("%s/%s/%s - finishing an interrupted %s", *record.key,
+            if not await self._owner_gone(record, leases, now):
+                continue
+            if not await self.db.take_over(record.id, record.owner, self.owner):
+                continue
+            self.log.warning("%s/%s/%s - stopping after an interrupted %s", *record.key,
                              "start" if record.start_pending else "stop")  # fmt: skip
             try:
-                managed = await self._managed(record.key, record.id)
-                if record.start_pending:
-                    await self._discard_failed_start(managed)
-                else:
-                    await self._run_stop(record, False, force=True)
+                await self.stop(*record.key)
             except Exception as e:
                 self.log.error("%s/%s/%s - cleanup failed: %s", *record.key, _describe(e))
 
@@ -607,14 +756,7 @@ class ServerManager(LoggingConfigurable):
         pending += [m.start_task for m in self.active.values() if m.start_task and not m.start_task.done()]
         if pending:
             await asyncio.wait(pending, timeout=timeout)
-
-
-async def _result_of(value):
-    """What ``maybe_future`` gives, awaiting a coroutine in place: no Task,
-    no extra turn of the event loop (for the most frequent call, poll)"""
-    if asyncio.iscoroutine(value):
-        return await value
-    return await maybe_future(value)
+        self.calls.shutdown()
 
 
 def _merge_env(spawner, hub_env):
@@ -656,6 +798,10 @@ def _write_cert_files(directory, certs, trust_bundles):
     if "cafile" not in paths and "notebooks-ca" in bundles:
         paths["cafile"] = bundles["notebooks-ca"]
     return paths, bundles
+
+
+class _StopRequested(Exception):
+    """Another process asked for a stop while this one finished the start"""
 
 
 def _class_name(cls):

@@ -8,14 +8,16 @@ to a hub (progress events, flavor usage) and checks the token it was given.
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
+import time
 
 from jupyterhub.spawner import SimpleLocalProcessSpawner
 from tornado import web
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
-from traitlets import Bool, Float
+from traitlets import Bool, Float, Integer
 
 
 class _RecordingHandler(web.RequestHandler):
@@ -184,3 +186,56 @@ class DetachedProcessSpawner(SimpleLocalProcessSpawner):
             raise RuntimeError(f"The launcher failed ({launcher.returncode}): {output!r}")
         self.pid = int(output)
         return address
+
+
+class FaultySpawner(SimpleLocalProcessSpawner):
+    """A real SimpleLocalProcessSpawner that misbehaves on request.
+
+    Its traits (settable per start through ``misc``) make ``poll()`` hang,
+    the first stops fail or hang, or ``get_state()`` return None, as a
+    Spawner whose backend is unreachable or broken would.
+    """
+
+    poll_delay = Float(0, help="Seconds poll() waits before answering.").tag(config=True)
+    failing_stops = Integer(0, help="How many stop() calls fail before one works.").tag(config=True)
+    hanging_stops = Integer(0, help="How many stop() calls hang for an hour.").tag(config=True)
+    stop_delay = Float(0, help="Seconds each stop() waits before stopping.").tag(config=True)
+    state_none = Bool(False, help="get_state() returns None.").tag(config=True)
+
+    async def poll(self):
+        if self.poll_delay:
+            await asyncio.sleep(self.poll_delay)
+        return await super().poll()
+
+    async def stop(self, now=False):
+        if self.hanging_stops > 0:
+            self.hanging_stops -= 1
+            await asyncio.sleep(3600)
+        if self.failing_stops > 0:
+            self.failing_stops -= 1
+            raise RuntimeError("the backend refused to stop the server")
+        if self.stop_delay:
+            await asyncio.sleep(self.stop_delay)
+        return await super().stop(now=now)
+
+    def get_state(self):
+        if self.state_none:
+            return None
+        return super().get_state()
+
+
+class BlockingPollSpawner(SimpleLocalProcessSpawner):
+    """A SimpleLocalProcessSpawner whose ``poll()`` is a plain function that
+    blocks for ``poll_delay`` seconds (a synchronous call to a slow backend)."""
+
+    poll_delay = Float(2, help="Seconds poll() blocks.").tag(config=True)
+
+    def poll(self):
+        time.sleep(self.poll_delay)
+        if not self.pid:
+            return 0
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return 1
+        return None
