@@ -33,10 +33,12 @@ c.JupyterHubOutpost.spawner_class = "jupyterhub.spawner.SimpleLocalProcessSpawne
 c.SimpleLocalProcessSpawner.home_dir_template = "/tmp/outpost-{username}"
 c.Spawner.start_timeout = 60
 
-# Which per-start overrides ("misc") a hub may send. Unknown traits are
-# always ignored; here only network settings are accepted.
-def allow_override(hub_name, misc):
-    return set(misc) <= {"ip", "port", "internal_ssl", "services_enabled",
-                         "extra_labels", "pod_name_template", "dns_name_template"}
+# Which per-start overrides ("misc") a hub may send. By default only the
+# OutpostSpawner's own network settings (ip, port, internal_ssl, ...) are
+# accepted; other traits of the Spawner are refused, unknown ones ignored.
+# c.JupyterHubOutpost.allowed_overrides = ["mem_limit"]
 
-c.JupyterHubOutpost.allow_override = allow_override
+# Which local account a hub user's server runs as (default: the hub's user
+# name). Accounts below uid 1000, root and nobody never run servers.
+# c.JupyterHubOutpost.account_name_template = "{hub}-{username}"
+# c.JupyterHubOutpost.min_account_uid = 1000

@@ -15,7 +15,6 @@ import yaml
 
 from jupyterhub.spawner import Spawner
 from jupyterhub.traitlets import EntryPointType
-from jupyterhub.utils import maybe_future
 from tornado import web
 from tornado.httpserver import HTTPServer
 from tornado.log import LogFormatter, access_log
@@ -42,11 +41,13 @@ from .handlers.spec import load_spec
 from .background import BackgroundWork
 from .hubclient import HubClient
 from .log import install_scrubber, log_request, secrets
+from .policy import DEFAULT_OVERRIDES, OutpostPolicy, is_valid_hub_name
 from .servers import ServerManager
-from .utils import url_path_join, utcnow
+from .utils import url_path_join
 
 HUB_CREDENTIALS_ENV = "OUTPOST_HUB_CREDENTIALS"
 HUB_CREDENTIALS_FILE_ENV = "OUTPOST_HUB_CREDENTIALS_FILE"
+_DEFAULT_OVERRIDES_TEXT = ", ".join(f"``{key}``" for key in sorted(DEFAULT_OVERRIDES))
 
 aliases = {
     "f": "JupyterHubOutpost.config_file",
@@ -256,20 +257,117 @@ class JupyterHubOutpost(Application):
         directory = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
         return os.path.join(directory, "jupyterhub_outpost_crypt_key")
 
+    allowed_overrides = List(
+        Unicode(),
+        help=f"""Spawner traits a hub may set per start (its ``misc``), besides
+        those the OutpostSpawner itself sends ({_DEFAULT_OVERRIDES_TEXT}).
+
+        Default: none. A start that sets another trait of the Spawner is
+        refused (status 419, naming the trait); keys that are no traits of
+        the configured Spawner are ignored, as are the traits that connect the
+        Spawner to the Outpost (``api_token``, ``user``, ...). ``["*"]``
+        allows every other trait, including ``cmd``: a hub may then run any
+        program as the server's account. Example::
+
+            c.JupyterHubOutpost.allowed_overrides = ["image", "mem_limit", "req_partition"]
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
     allow_override = Callable(
         None,
         allow_none=True,
         help="""Decide whether a start's ``misc`` overrides are applied.
 
-        Called as ``allow_override(hub_name, misc)`` (may be async) before the
-        server is recorded; a false answer fails the start with a message
-        naming the refused keys. Default: every override of a known trait is
-        applied (unknown traits are always ignored). Example::
+        Called as ``allow_override(hub_name, misc)`` (may be async) with the
+        whole ``misc`` the hub sent, after the ``allowed_overrides`` check and
+        before the server is recorded; a false answer fails the start with a
+        message naming the refused keys. Default: no further check. Example::
 
             def allow_override(hub_name, misc):
-                return hub_name == "trusted-hub" or set(misc) <= {"port", "ip"}
+                return hub_name == "trusted-hub" or "image" not in misc
 
             c.JupyterHubOutpost.allow_override = allow_override
+        """,
+    ).tag(config=True)
+
+    allowed_env_keys = List(
+        Unicode(),
+        help="""Environment variables a hub may set although they decide which
+        program runs or what it loads.
+
+        By default a start whose ``env`` holds ``PATH``, ``LD_*``,
+        ``PYTHONPATH``, ``PYTHONHOME``, ``PYTHONSTARTUP``, ``BASH_ENV``,
+        ``ENV``, ``HOME``, ``JUPYTER_CONFIG_DIR``, ``JUPYTERHUB_SINGLEUSER_APP``
+        and similar keys is refused (status 419, naming them). List the keys
+        to accept, or ``["*"]`` for all::
+
+            c.JupyterHubOutpost.allowed_env_keys = ["JUPYTERHUB_SINGLEUSER_APP"]
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    account_name_template = Union(
+        [Unicode(), Dict(value_trait=Unicode())],
+        default_value="{username}",
+        help="""The local account a hub user's server runs as.
+
+        A template with the fields ``{hub}`` (hub name) and ``{username}``
+        (``JUPYTERHUB_USER`` of the start), or a dict of templates by hub
+        name (key ``"*"`` for the other hubs). The account is what the
+        Spawner sees as ``spawner.user.name`` (LocalProcessSpawner's system
+        user, home directory); the server's ``JUPYTERHUB_USER`` stays the
+        hub's name of the user. Default: ``"{username}"``. Example::
+
+            c.JupyterHubOutpost.account_name_template = {
+                "hub-a": "{username}",
+                "*": "{hub}-{username}",
+            }
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    account_name_hook = Callable(
+        None,
+        allow_none=True,
+        help="""Map a hub user to a local account (instead of ``account_name_template``).
+
+        Called as ``account_name_hook(hub_name, user_name)`` (may be async);
+        returns the account name. Example::
+
+            def account_name_hook(hub_name, user_name):
+                return ACCOUNTS[hub_name][user_name]
+
+            c.JupyterHubOutpost.account_name_hook = account_name_hook
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    min_account_uid = Integer(
+        1000,
+        help="""The lowest uid of an existing local account that may run servers.
+
+        A start whose account exists on this host with a lower uid (root,
+        daemon, postgres, ...) is refused with status 419. Accounts that do
+        not exist here are not refused by this check. 0 switches it off.
+        Default: 1000.
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    denied_accounts = List(
+        Unicode(),
+        default_value=["root", "nobody"],
+        help="""Account names that never run servers, whatever their uid.
+
+        Default: ``["root", "nobody"]``.
+
+        .. versionadded:: 0.2
         """,
     ).tag(config=True)
 
@@ -552,6 +650,8 @@ class JupyterHubOutpost(Application):
     http_server = None
     bound_port = None
 
+    policy = None
+
     @property
     def certs_dir(self):
         return os.path.abspath(self.internal_certs_location)
@@ -563,59 +663,6 @@ class JupyterHubOutpost(Application):
             hmac.compare_digest(password.encode(), b"\0" * 32)
             return False
         return hmac.compare_digest(password.encode(), expected.encode())
-
-    def events_enabled(self, hub):
-        if callable(self.send_events):
-            return bool(self.send_events(hub))
-        return self.send_events
-
-    # flavors
-
-    def hub_flavors(self, hub):
-        """The flavor definitions hub ``hub`` may use"""
-        names = flavors.hub_flavor_names(self.flavors, self.hubs, hub)
-        return {name: self.flavors[name] for name in names}
-
-    async def flavor_usage(self, hub):
-        """This hub's flavors with limits and usage ({} without flavors)"""
-        if not self.flavors:
-            return {}
-        return flavors.usage_model(self.hub_flavors(hub), await self.db.flavor_counts())
-
-    async def user_flavor_decision(self, hub, authentication):
-        if self.update_user_authentication is not None:
-            authentication = await maybe_future(self.update_user_authentication(dict(authentication)))
-        return flavors.decide(self.flavors, self.hubs, self.users, hub, authentication or {})
-
-    async def user_flavors(self, hub, authentication):
-        """One user's flavors with limits and usage"""
-        decision = await self.user_flavor_decision(hub, authentication)
-        if decision.forbidden or not self.flavors:
-            return {}
-        return flavors.usage_model(decision.allowed, await self.db.flavor_counts())
-
-    async def flavor_for_start(self, hub, request):
-        """Check a start's flavor before anything runs.
-
-        Returns ``(name, definition, check_limits, end_date)``; all None
-        without flavors. ``check_limits(current, user_current, user_total)``
-        raises :class:`~jupyterhub_outpost.flavors.FlavorError` when a limit
-        is reached; the database calls it where it counts.
-        """
-        if not self.flavors:
-            return None, None, None, None
-        decision = await self.user_flavor_decision(hub, request.get("authentication"))
-        name, flavor = flavors.check_start(request.get("flavor"), self.flavors, decision, self.default_flavor)
-        global_max = self.global_max_per_user
-
-        def check_limits(current, user_current, user_total):
-            message = flavors.limit_error(name, flavor, current, user_current, user_total, global_max)
-            if message:
-                raise flavors.FlavorError(message)
-
-        runtime = flavors.runtime_delta(flavor)
-        end_date = utcnow() + runtime if runtime else None
-        return name, flavor, check_limits, end_date
 
     def init_flavors(self):
         if self.flavor_config_file:
@@ -666,6 +713,14 @@ class JupyterHubOutpost(Application):
         return "%Y-%m-%d %H:%M:%S"
 
     def init_secrets(self):
+        bad = sorted(repr(name) for name in self.hub_credentials if not is_valid_hub_name(name))
+        if bad:
+            self.log.critical(
+                "Hub names must be 1 to 128 letters, digits or '_.@+-', beginning with a "
+                "letter, digit or '_' (they name folders); not allowed: %s",
+                ", ".join(bad),
+            )
+            self.exit(1)
         for password in self.hub_credentials.values():
             secrets.add(password)
         if not self.hub_credentials:
@@ -707,11 +762,18 @@ class JupyterHubOutpost(Application):
             read_workers=self.db_read_workers or None,
         )
 
+    def init_policy(self):
+        self.policy = OutpostPolicy.from_app(self)
+        if self.min_account_uid <= 0 and not self.denied_accounts:
+            self.log.warning("Servers may run as any account, including root")
+        if "*" in self.allowed_overrides:
+            self.log.warning("Hubs may override every trait of %s", self.spawner_class.__name__)
+
     def init_servers(self):
         self.hub_client = HubClient(parent=self)
         self.process_owner = f"{self.instance_name}-{uuid.uuid4().hex[:8]}"
         self.db.owner = self.process_owner
-        self.server_manager = ServerManager(self)
+        self.server_manager = ServerManager(self, policy=self.policy)
         self.log.info("Spawner: %s.%s", self.spawner_class.__module__, self.spawner_class.__name__)
 
     def init_tornado_application(self):
@@ -722,6 +784,7 @@ class JupyterHubOutpost(Application):
             log_function=log_request,
             outpost=self,
             server_manager=self.server_manager,
+            policy=self.policy,
             log=self.log,
             openapi=load_spec(),
         )
@@ -740,6 +803,7 @@ class JupyterHubOutpost(Application):
         self.init_secrets()
         self.init_flavors()
         self.init_db()
+        self.init_policy()
         self.init_servers()
         self.init_tornado_application()
 

@@ -68,6 +68,12 @@ class OverrideRefusedError(OutpostError):
     status_code = 419
 
 
+class AccountRefusedError(OutpostError):
+    """A start would run as an account the Outpost's policy refuses"""
+
+    status_code = 419
+
+
 class StartCancelledError(OutpostError):
     """A stop request cancelled the start"""
 

@@ -23,6 +23,7 @@ from traitlets.config import LoggingConfigurable
 
 from .flavors import FlavorError
 from .errors import (
+    AccountRefusedError,
     OutpostError,
     OverrideRefusedError,
     ServerBusyError,
@@ -37,17 +38,8 @@ from .log import secrets
 from .objects import OutpostDB, OutpostHub, OutpostORMSpawner, OutpostUser
 from .spawnercalls import SpawnerCalls, runs_on_loop
 from .statekeeper import StateKeeper, state_is_unknown, state_to_save
-from .utils import as_utc, format_service_address, isoformat, utcnow, wait_until
-
-# Spawner attributes a start request may never set: they connect the
-# Spawner to the Outpost, or carry credentials.
-PROTECTED_TRAITS = frozenset(
-    {
-        "user", "hub", "orm_spawner", "db", "config", "parent", "log",
-        "authenticator", "api_token", "oauth_client_id", "cert_paths",
-        "internal_trust_bundles", "internal_certs_location", "handler",
-        "user_options", "server", "proxy_spec", "oauth_roles",
-    }
+from .utils import (
+    as_utc, format_service_address, isoformat, open_private_dir, path_inside, utcnow, wait_until,
 )  # fmt: skip
 
 # env keys that describe the Outpost side of a server (where it binds, where
@@ -143,11 +135,14 @@ class ServerManager(LoggingConfigurable):
     Parameters:
         app: the :class:`~jupyterhub_outpost.app.JupyterHubOutpost` whose
             configuration (spawner class, hooks) applies
+        policy: the :class:`~jupyterhub_outpost.policy.OutpostPolicy` that
+            decides what a start may do (overrides, account, flavor)
     """
 
-    def __init__(self, app, **kwargs):
+    def __init__(self, app, policy, **kwargs):
         super().__init__(parent=app, **kwargs)
         self.app = app
+        self.policy = policy
         self.db = app.db
         self.hub_client = app.hub_client
         self.active = {}  # key -> ManagedServer held by this process
@@ -176,9 +171,9 @@ class ServerManager(LoggingConfigurable):
         """A Spawner configured from the config file and the start request"""
         env = request["env"]
         hub = self._hub_object(env)
-        user = OutpostUser(
-            env.get("JUPYTERHUB_USER", record.user_name), _int(record.hub_user_id), hub, auth_state
-        )
+        # the local account; JUPYTERHUB_USER in the env stays the hub's name
+        account = request.get("account") or env.get("JUPYTERHUB_USER", record.user_name)
+        user = OutpostUser(account, _int(record.hub_user_id), hub, auth_state)
         orm_spawner = OutpostORMSpawner(
             record.name, request.get("user_options", {}), env.get("JUPYTERHUB_SERVICE_PREFIX")
         )
@@ -212,8 +207,9 @@ class ServerManager(LoggingConfigurable):
         return hub
 
     def _apply_overrides(self, spawner, misc, record):
+        """Set the overrides the policy accepted (``check_overrides``)"""
         for key, value in misc.items():
-            if key in PROTECTED_TRAITS or key.startswith("_") or not spawner.has_trait(key):
+            if not spawner.has_trait(key):
                 self.log.debug("%s/%s/%s - ignoring override of unknown trait %r", *record.key, key)
                 continue
             try:
@@ -232,17 +228,9 @@ class ServerManager(LoggingConfigurable):
 
     # start
 
-    async def check_overrides(self, hub, misc):
-        """Ask the ``allow_override`` hook whether ``misc`` may be applied"""
-        hook = self.app.allow_override
-        if not misc or hook is None:
-            return
-        allowed = await maybe_future(hook(hub, misc))
-        if not allowed:
-            raise OverrideRefusedError(
-                "The Outpost refused the requested configuration overrides: "
-                + ", ".join(sorted(misc))
-            )
+    async def check_overrides(self, hub, request):
+        """What the policy lets this start do (:class:`~jupyterhub_outpost.policy.StartPlan`)"""
+        return await self.policy.check_start(hub, request)
 
     async def start(self, hub, request, certs=None, trust_bundles=None, auth_state=None, run_async=False):
         """Start a server; return ``{"service": address}``.
@@ -255,11 +243,16 @@ class ServerManager(LoggingConfigurable):
         env = request["env"]
         try:
             # the operator's hooks run outside the turns: they may take a while
-            await self.check_overrides(hub, request.get("misc"))
-            flavor_name, flavor, check_limits, end_date = await self.app.flavor_for_start(
+            plan = await self.check_overrides(hub, request)
+            flavor_name, flavor, check_limits, end_date = await self.policy.flavor_for_start(
                 hub, request
             )
-            stored = {k: request[k] for k in ("env", "user_options", "misc")}
+            stored = {
+                "env": env,
+                "user_options": request["user_options"],
+                "misc": plan.overrides,
+                "account": plan.account,
+            }
             async with self._turns:
                 record = await self.db.add_server(
                     hub,
@@ -273,7 +266,7 @@ class ServerManager(LoggingConfigurable):
                     end_date=end_date,
                     request=stored,
                 )
-        except (OverrideRefusedError, FlavorError):
+        except (OverrideRefusedError, AccountRefusedError, FlavorError):
             self._report_usage(hub, env)
             raise
         try:
@@ -306,7 +299,7 @@ class ServerManager(LoggingConfigurable):
         keeper = managed.keeper = StateKeeper(managed, self.db, self.log)
         keeper.start(on_stop_requested=managed.start_task.cancel)
         try:
-            if self.app.events_enabled(managed.record.hub):
+            if self.policy.events_enabled(managed.record.hub):
                 await self.hub_client.send_event(
                     managed.env,
                     {"progress": 30, "message": f"Outpost: starting the server ({type(spawner).__name__})"},
@@ -321,7 +314,7 @@ class ServerManager(LoggingConfigurable):
                 await self._install_certs(managed, certs, trust_bundles)
             start_future = asyncio.ensure_future(self.calls.submit(spawner.start))
             spawner._spawn_future = start_future
-            if self.app.events_enabled(managed.record.hub):
+            if self.policy.events_enabled(managed.record.hub):
                 forwarder = asyncio.create_task(self._forward_progress(managed, start_future))
             try:
                 result = await asyncio.wait_for(asyncio.shield(start_future), spawner.start_timeout)
@@ -446,7 +439,7 @@ class ServerManager(LoggingConfigurable):
         self._keep(asyncio.ensure_future(self._send_flavor_update(hub, env, log_name)))
 
     async def _send_flavor_update(self, hub, env, log_name):
-        usage = await self.app.flavor_usage(hub)
+        usage = await self.policy.flavor_usage(hub)
         await self.hub_client.send_flavor_update(env, usage, log_name)
 
     def _keep(self, task):
@@ -466,15 +459,22 @@ class ServerManager(LoggingConfigurable):
     # certificates
 
     def _cert_dir(self, record):
-        hub, name, start_id = record.key
-        return os.path.join(self.app.certs_dir, hub, f"{name or '_'}.{start_id}")
+        """The start's own certificate folder: ``certs_dir/<hub>/<name>~<start_id>``.
+
+        "~" is in neither a name nor a start id, so no two starts share one.
+        """
+        return os.path.join(self.app.certs_dir, *_cert_segments(record))
 
     async def _install_certs(self, managed, certs, trust_bundles):
         directory = self._cert_dir(managed.record)
         loop = asyncio.get_running_loop()
         paths, bundles = await loop.run_in_executor(
-            None, partial(_write_cert_files, directory, certs, trust_bundles)
-        )
+            None,
+            partial(
+                _write_cert_files, self.app.certs_dir, _cert_segments(managed.record),
+                certs, trust_bundles,
+            ),
+        )  # fmt: skip
         spawner = managed.spawner
         spawner.internal_ssl = True
         spawner.internal_trust_bundles = bundles
@@ -781,20 +781,35 @@ def _merge_env(spawner, hub_env):
     spawner.get_env = get_env
 
 
-def _write_cert_files(directory, certs, trust_bundles):
-    """Write PEM texts to a private directory; return (cert paths, bundle paths)"""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    os.chmod(directory, 0o700)
+def _cert_segments(record):
+    hub, name, start_id = record.key
+    return hub, f"{name}~{start_id}"
 
-    def write(filename, text):
-        path = os.path.join(directory, filename)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        return path
 
-    paths = {key: write(f"{key}.pem", certs[key]) for key in ("keyfile", "certfile", "cafile") if certs.get(key)}
-    bundles = {name: write(f"{name}.crt", text) for name, text in trust_bundles.items()}
+def _write_cert_files(base, segments, certs, trust_bundles):
+    """Write PEM texts to a private folder below ``base``; return (cert paths, bundle paths).
+
+    Symlinks on the way are not followed and every file name is checked
+    to stay in the folder: nothing is written elsewhere.
+    """
+    directory = os.path.join(os.path.realpath(base), *segments)
+    fd = open_private_dir(os.path.realpath(base), segments)
+    try:
+
+        def write(filename, text):
+            path = os.path.join(directory, filename)
+            if os.path.dirname(path) != directory or not path_inside(directory, path):
+                raise ValueError(f"Not a file name in the certificate folder: {filename!r}")
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+            file_fd = os.open(filename, flags, 0o600, dir_fd=fd)
+            with os.fdopen(file_fd, "w") as f:
+                f.write(text)
+            return path
+
+        paths = {key: write(f"{key}.pem", certs[key]) for key in ("keyfile", "certfile", "cafile") if certs.get(key)}
+        bundles = {name: write(f"{name}.crt", text) for name, text in trust_bundles.items()}
+    finally:
+        os.close(fd)
     if "cafile" not in paths and "notebooks-ca" in bundles:
         paths["cafile"] = bundles["notebooks-ca"]
     return paths, bundles

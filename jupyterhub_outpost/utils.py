@@ -1,6 +1,7 @@
 """Small helpers shared by the modules of jupyterhub_outpost."""
 
 import asyncio
+import os
 import re
 import time
 from datetime import datetime, timezone
@@ -9,8 +10,17 @@ from datetime import datetime, timezone
 # Both become path segments (URLs, certificate directories): no slashes,
 # no "." or "..", nothing outside a conservative character set.
 _SEGMENT = r"[A-Za-z0-9_.@+\-]"
-SERVER_NAME_RE = re.compile(rf"^(?!\.{{1,2}}$){_SEGMENT}{{0,255}}$")
-START_ID_RE = re.compile(rf"^(?!\.{{1,2}}$){_SEGMENT}{{1,128}}$")
+SERVER_NAME_RE = re.compile(rf"^(?!\.{{1,2}}\Z){_SEGMENT}{{0,255}}\Z")
+START_ID_RE = re.compile(rf"^(?!\.{{1,2}}\Z){_SEGMENT}{{1,128}}\Z")
+# Hub names, user names at the hub and local account names become path
+# segments too (certificate folders, home directories) and reach log lines
+# and command lines: they begin with a letter, digit or "_" (never "." or "-").
+_NAME = rf"[A-Za-z0-9_]{_SEGMENT}{{0,127}}"
+HUB_NAME_RE = re.compile(rf"^{_NAME}\Z")
+USER_NAME_RE = re.compile(rf"^{_NAME}\Z")
+ACCOUNT_NAME_RE = re.compile(rf"^{_NAME}\Z")
+# names of internal trust bundles become file names ("<name>.crt")
+BUNDLE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}\Z")
 
 
 def utcnow():
@@ -82,3 +92,37 @@ async def wait_until(condition, timeout, interval=0.05, message="condition"):
             raise TimeoutError(f"Timed out after {timeout}s waiting for {message}")
         await asyncio.sleep(interval)
         interval = min(interval * 1.5, 1)
+
+
+def path_inside(base, path):
+    """True if ``path`` resolves (symlinks followed) to ``base`` or below it"""
+    real_base = os.path.realpath(base)
+    real = os.path.realpath(path)
+    return os.path.commonpath([real_base, real]) == real_base
+
+
+def open_private_dir(base, segments):
+    """Create ``base/seg1/seg2/...`` (mode 0700) and open the last folder.
+
+    Returns a file descriptor of it. Each segment must be a plain name; an
+    existing segment that is a symlink or no folder raises ``OSError``
+    instead of being followed, so that nothing is created outside ``base``.
+    """
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for segment in segments:
+            if not segment or segment in (".", "..") or "/" in segment or "\0" in segment:
+                raise ValueError(f"Not a plain folder name: {segment!r}")
+            try:
+                os.mkdir(segment, 0o700, dir_fd=fd)
+            except FileExistsError:
+                pass
+            child = os.open(segment, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        os.fchmod(fd, 0o700)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

@@ -98,6 +98,12 @@ async def fake_hub():
     hub.stop()
 
 
+TEST_OVERRIDES = (
+    "cmd", "start_delay", "delay_after_launch", "start_timeout", "mem_limit", "cpu_limit",
+    "interrupt_timeout", "term_timeout", "kill_timeout",
+)
+
+
 def outpost_config(workdir, spawner_cmd=None, **overrides):
     """Config for a test Outpost: SimpleLocalProcessSpawner on 127.0.0.1.
 
@@ -123,6 +129,8 @@ def outpost_config(workdir, spawner_cmd=None, **overrides):
     cfg.Spawner.popen_kwargs = {"stdin": subprocess.DEVNULL}
     cfg.HubClient.retries = 0
     cfg.HubClient.request_timeout = 5
+    # the traits tests set per start through misc
+    cfg.JupyterHubOutpost.allowed_overrides = list(TEST_OVERRIDES)
     if spawner_cmd is not None:
         cfg.Spawner.cmd = spawner_cmd
         cfg.Spawner.args = []

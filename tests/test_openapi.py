@@ -34,6 +34,7 @@ c.JupyterHubOutpost.flavors = {{
     "gpu": {{"display_name": "GPU", "weight": 20, "max": 1}},
 }}
 c.JupyterHubOutpost.default_flavor = "small"
+c.JupyterHubOutpost.allowed_overrides = ["cmd"]
 """
 
 

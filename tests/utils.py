@@ -233,6 +233,8 @@ c.Spawner.args = {args!r}
 c.Spawner.start_timeout = 60
 c.HubClient.retries = 0
 c.HubClient.request_timeout = 5
+# the traits tests set per start through misc
+c.JupyterHubOutpost.allowed_overrides = ["cmd", "start_delay", "delay_after_launch", "start_timeout"]
 """
 
 

@@ -2,7 +2,7 @@
 
 from tornado import web
 
-from ..utils import SERVER_NAME_RE, START_ID_RE
+from ..utils import BUNDLE_NAME_RE, SERVER_NAME_RE, START_ID_RE, USER_NAME_RE
 from .base import OutpostAPIHandler
 
 _LIMITS = {"env": 4096, "user_options": 1024, "misc": 1024}
@@ -43,11 +43,33 @@ def check_name(name):
 
 
 def check_start_id(start_id):
-    if not isinstance(start_id, (str, int)) or not START_ID_RE.match(str(start_id)):
+    # bool is an int to Python; true is no start id
+    if isinstance(start_id, bool) or not isinstance(start_id, (str, int)) or not START_ID_RE.match(str(start_id)):
         raise _bad(
             "'start_id' must be 1 to 128 letters, digits or '_.@+-'"
         )
     return str(start_id)
+
+
+def check_user_name(env):
+    """``JUPYTERHUB_USER`` names folders and reaches log lines: safe characters only"""
+    user = env.get("JUPYTERHUB_USER")
+    if user is not None and not USER_NAME_RE.match(user):
+        raise _bad(
+            "'env.JUPYTERHUB_USER' must be 1 to 128 letters, digits or '_.@+-', "
+            "beginning with a letter, digit or '_'"
+        )
+
+
+def check_trust_bundles(bundles):
+    """Bundle names become file names: safe characters only"""
+    for name in bundles:
+        if not BUNDLE_NAME_RE.match(name):
+            raise _bad(
+                "'internal_trust_bundles' names must be 1 to 64 letters, digits or '_.-', "
+                "beginning with a letter, digit or '_'"
+            )
+    return bundles
 
 
 def parse_start_request(body):
@@ -57,12 +79,13 @@ def parse_start_request(body):
     env = _check_string_map(body, "env")
     if len(env) > _LIMITS["env"]:
         raise _bad("'env' has too many entries")
+    check_user_name(env)
     user_options = _check_object(body, "user_options")
     if "start_id" not in user_options:
         raise _bad("'user_options.start_id' is missing")
     flavor = user_options.get("flavor")
-    if flavor is not None and not isinstance(flavor, str):
-        raise _bad("'user_options.flavor' must be a string")
+    if flavor is not None and (not isinstance(flavor, str) or not flavor.isprintable()):
+        raise _bad("'user_options.flavor' must be a string of printable characters")
     authentication = _check_object(body, "authentication")
     return {
         "request": {
@@ -75,7 +98,7 @@ def parse_start_request(body):
             "authentication": authentication,
         },
         "certs": _check_string_map(body, "certs"),
-        "trust_bundles": _check_string_map(body, "internal_trust_bundles"),
+        "trust_bundles": check_trust_bundles(_check_string_map(body, "internal_trust_bundles")),
     }
 
 

@@ -29,16 +29,17 @@ c.KubeSpawner.services_enabled = True
 
 # The OutpostSpawner sends KubeSpawner-style overrides by default (port, ip,
 # pod_name_template, dns_name_template, extra_labels, services_enabled,
-# internal_ssl). Accept those, and let one trusted hub choose the image.
-NETWORK_KEYS = {
-    "port", "ip", "internal_ssl", "services_enabled", "extra_labels",
-    "pod_name_template", "dns_name_template",
-}
+# internal_ssl); those are accepted by default. Let one trusted hub choose
+# the image as well:
+c.JupyterHubOutpost.allowed_overrides = ["image"]
 
 
 def allow_override(hub_name, misc):
-    allowed = NETWORK_KEYS | ({"image"} if hub_name == "trusted-hub" else set())
-    return set(misc) <= allowed
+    return hub_name == "trusted-hub" or "image" not in misc
 
 
 c.JupyterHubOutpost.allow_override = allow_override
+
+# Pods do not run as local accounts of the Outpost's host: the uid check
+# has nothing to check (root and nobody stay refused as user names).
+c.JupyterHubOutpost.min_account_uid = 0

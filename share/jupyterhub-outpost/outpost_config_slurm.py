@@ -57,13 +57,10 @@ c.JupyterHubOutpost.pending_timeout = 1200
 
 # A hub's per-start overrides may pick the partition or runtime too, e.g.
 # c.OutpostSpawner.custom_misc = {"req_partition": "gpu", "req_ngpus": "1"}
-# at the hub. Accept only those and the network settings:
-def allow_override(hub_name, misc):
-    return set(misc) <= {
-        "port", "ip", "internal_ssl", "services_enabled", "extra_labels",
-        "pod_name_template", "dns_name_template",
-        "req_partition", "req_runtime", "req_ngpus",
-    }
+# at the hub. Accept those besides the network settings the OutpostSpawner
+# always sends (other traits, such as cmd, stay refused):
+c.JupyterHubOutpost.allowed_overrides = ["req_partition", "req_runtime", "req_ngpus"]
 
-
-c.JupyterHubOutpost.allow_override = allow_override
+# Jobs run as the account of the hub's user name; system accounts (uid below
+# 1000, root, nobody) are refused. Users of a second hub get their own accounts:
+# c.JupyterHubOutpost.account_name_template = {"hub-a": "{username}", "*": "{hub}-{username}"}
