@@ -44,8 +44,8 @@ _NAMED_SECRET_RE = re.compile(
     r"""(?P<quote>['"]?)(?P<value>(?:Basic |Bearer |token )?[^'"\s,}]+)"""
 )
 _WORD_RE = re.compile(r"[A-Za-z0-9_\-+/=.]{12,}")
-# what a cut may leave half of: the last run of non-space characters
-_RUN_RE = re.compile(r"\S*")
+# what a cut may leave half of: a run of the characters of secret words
+_RUN_RE = re.compile(r"[A-Za-z0-9_\-+/=.]*")
 # characters that would let a logged value start a new line or steer a terminal
 _CONTROL_RE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 
@@ -62,6 +62,7 @@ class SecretRegistry:
         self._lock = threading.Lock()
         self._words = set()
         self._phrases = set()
+        self._longest_word = 0
 
     def add(self, secret):
         if not secret or len(secret) < 4:
@@ -70,6 +71,7 @@ class SecretRegistry:
         with self._lock:
             if _WORD_RE.fullmatch(secret):
                 self._words.add(secret)
+                self._longest_word = max(self._longest_word, len(secret))
             else:
                 self._phrases.add(secret)
 
@@ -100,21 +102,32 @@ class SecretRegistry:
                 text = text.replace(phrase, REDACTED)
         return text
 
-    def shorten(self, text, limit):
-        """``text`` cut to about ``limit`` characters, the cut marked.
+    def cut(self, text, limit):
+        """``(head, note)``: ``text`` cut to about ``limit`` characters, and
+        a note of how much was cut ("" if nothing).
 
-        What the cut leaves of its last word (a run of non-space characters)
-        is replaced, as is the start of a known phrase at the end, so that a
-        secret cut in two does not show its first half.
+        The end of what the cut leaves of a word (as long as the longest
+        known secret word) is replaced, as is the start of a known phrase at
+        the end, so that a secret cut in two does not show its first half.
+        A named secret's value cut short is still found by :meth:`scrub`.
         """
         if len(text) <= limit:
-            return text
+            return text, ""
         head = text[:limit]
         for phrase in tuple(self._phrases):
             head = _without_phrase_start(head, phrase)
-        if not text[limit].isspace():
-            head = head[: len(head) - len(_RUN_RE.match(head[::-1]).group())] + REDACTED
-        return f"{head} [cut {len(text) - limit} characters]"
+        if _RUN_RE.match(text[limit]).end():
+            # a known secret word cut in two ends the head: hide as much
+            # of the last run as the longest known word
+            run = _RUN_RE.match(head[::-1]).end()
+            hidden = min(run, self._longest_word)
+            if hidden:
+                head = head[: len(head) - hidden] + REDACTED
+        return head, f" [cut {len(text) - limit} characters]"
+
+    def shorten(self, text, limit):
+        """``text`` cut to about ``limit`` characters, the cut marked (see :meth:`cut`)"""
+        return "".join(self.cut(text, limit))
 
 
 def _without_phrase_start(text, phrase):
@@ -143,12 +156,12 @@ def scrub_record(record):
         message = str(record.msg)
     if record.exc_info and not record.exc_text:
         record.exc_text = "".join(traceback.format_exception(*record.exc_info))
-    message = secrets.shorten(message, MAX_MESSAGE_LENGTH)
-    record.msg = escape_control(secrets.scrub(message))
+    message, note = secrets.cut(message, MAX_MESSAGE_LENGTH)
+    record.msg = escape_control(secrets.scrub(message)) + note
     record.args = ()
     if record.exc_text:
-        exc_text = secrets.shorten(record.exc_text, MAX_TRACEBACK_LENGTH)
-        record.exc_text = secrets.scrub(exc_text)
+        exc_text, note = secrets.cut(record.exc_text, MAX_TRACEBACK_LENGTH)
+        record.exc_text = secrets.scrub(exc_text) + note
     return record
 
 
@@ -228,5 +241,5 @@ def log_request(handler):
 
 def json_for_log(obj):
     """Compact JSON for a log line, with secrets scrubbed"""
-    text = json.dumps(obj, default=str, sort_keys=True)
-    return secrets.scrub(secrets.shorten(text, MAX_MESSAGE_LENGTH))
+    text, note = secrets.cut(json.dumps(obj, default=str, sort_keys=True), MAX_MESSAGE_LENGTH)
+    return secrets.scrub(text) + note
