@@ -372,6 +372,23 @@ async def test_deeply_nested_json_is_400(outpost, fake_hub, case):
     assert json_of(await api_request(outpost, "services")) == []
 
 
+@pytest.mark.parametrize(
+    "raw, hint",
+    [
+        (b"null", "JSON object"),
+        (b"[]", "JSON object"),
+        (b'{"name": 1' + b"1" * 5000 + b"}", "not valid JSON"),
+        (b"\xff\xfe\x00{", "not valid JSON"),
+        (b'{"name": "\xc0\xaf"}', "not valid JSON"),
+    ],
+    ids=["null", "array", "5000 digits", "not UTF-8", "overlong UTF-8"],
+)
+async def test_odd_json_bodies_are_400(outpost, raw, hint):
+    response = await api_request(outpost, "services", method="POST", raw_body=raw)
+    assert response.code == 400, response.body[:300]
+    assert hint in json_of(response)["message"]
+
+
 async def test_json_nested_32_levels_starts(outpost, fake_hub):
     raw = _with_misc(fake_hub.url, _nested(30))
     response = await api_request(outpost, "services", method="POST", raw_body=raw)

@@ -130,16 +130,17 @@ class OutpostAPIHandler(web.RequestHandler):
         body = b"".join(self._body_chunks)
         if not body:
             raise web.HTTPError(400, "The request needs a JSON object as body")
+        too_deep = web.HTTPError(
+            400, f"The request body is nested deeper than {MAX_JSON_DEPTH} levels"
+        )
         try:
             model = json.loads(body)
-        except RecursionError:
-            model = None  # nested deeper than the parser goes: too deep
+        except RecursionError:  # deeper than the parser goes
+            raise too_deep from None
         except (ValueError, UnicodeDecodeError):
             raise web.HTTPError(400, "The request body is not valid JSON") from None
-        if model is None or _nested_deeper_than(model, MAX_JSON_DEPTH):
-            raise web.HTTPError(
-                400, f"The request body is nested deeper than {MAX_JSON_DEPTH} levels"
-            )
+        if _nested_deeper_than(model, MAX_JSON_DEPTH):
+            raise too_deep
         if not isinstance(model, dict):
             raise web.HTTPError(400, "The request body must be a JSON object")
         if _SURROGATE_ESCAPE_RE.search(body) and _has_lone_surrogate(model):
@@ -189,10 +190,11 @@ class OutpostAPIHandler(web.RequestHandler):
 
     def allowed_methods(self):
         """The HTTP methods this handler implements"""
+        default = web.RequestHandler
         return [
             method
             for method in self.SUPPORTED_METHODS
-            if getattr(type(self), method.lower()) is not getattr(web.RequestHandler, method.lower())
+            if getattr(type(self), method.lower()) is not getattr(default, method.lower())
         ]
 
 
