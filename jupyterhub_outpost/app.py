@@ -404,6 +404,39 @@ class JupyterHubOutpost(Application):
         help="""Largest request body accepted, in bytes (default 1 MiB). Larger: 413.""",
     ).tag(config=True)
 
+    idle_connection_timeout = Float(
+        300,
+        help="""Seconds a client's connection may stay open without sending a
+        complete request head, between the requests of a kept-alive connection
+        or while the request line and headers arrive, before the Outpost closes
+        it. Default: 300. A hub whose kept-alive connection was closed opens a
+        new one.
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    body_timeout = Float(
+        60,
+        help="""Seconds a request may take to send its body, counted from the
+        end of its headers, before the Outpost closes the connection. Default:
+        60; hubs give up on a request after 30 seconds.
+
+        This also bounds the work for a body larger than ``max_body_size``,
+        which is read to its end and dropped before the 413 answer.
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    @validate("idle_connection_timeout", "body_timeout")
+    def _validate_positive_timeout(self, proposal):
+        from traitlets import TraitError
+
+        if proposal.value <= 0:
+            raise TraitError(f"{proposal.trait.name} must be a positive number of seconds")
+        return proposal.value
+
     internal_certs_location = Unicode(
         "outpost-internal-ssl",
         help="""Directory for the certificates a hub sends with ``internal_ssl``.
@@ -828,7 +861,13 @@ class JupyterHubOutpost(Application):
         # before the port opens: the records of this process' starts name it
         await self.background.register_process()
         self.http_server = HTTPServer(
-            self.tornado_application, max_body_size=4 * self.max_body_size + 65536
+            self.tornado_application,
+            # the handlers answer bodies over max_body_size with 413 after
+            # reading and dropping them; at Tornado's own limit the client
+            # would see its connection reset instead
+            max_body_size=sys.maxsize,
+            idle_connection_timeout=self.idle_connection_timeout,
+            body_timeout=self.body_timeout,
         )
         sockets = bind_sockets(self.port, address=self.ip or None)
         self.http_server.add_sockets(sockets)

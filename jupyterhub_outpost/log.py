@@ -6,24 +6,48 @@ import logging
 import re
 import threading
 import traceback
-from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
+from urllib.parse import unquote_plus
 
 from tornado.log import access_log
 
 REDACTED = "[secret]"
 
+# Longest message one log record carries, in characters; longer ones are
+# cut (see shorten). Tracebacks may be longer, up to MAX_TRACEBACK_LENGTH.
+MAX_MESSAGE_LENGTH = 16384
+MAX_TRACEBACK_LENGTH = 65536
+# Longest request URI the access log shows
+MAX_URI_LENGTH = 2048
+
 # query arguments whose values never reach the log
 _SECRET_QUERY_KEYS = {"token", "access_token", "auth", "password", "secret", "key"}
 
-# PEM blocks (certificates, private keys)
-_PEM_RE = re.compile(r"-----BEGIN [A-Z ]+-----.*?-----END [A-Z ]+-----", re.DOTALL)
-# "SOMETHING_TOKEN': 'value'", "password=value", "Authorization: Basic ..."
+# Every pattern below matches in time linear in the length of the text: no
+# pattern can retry a long run of characters from each of its positions.
+
+# PEM blocks (certificates, private keys); a block without its END line
+# (cut short) is a secret up to the end of the text
+_PEM_RE = re.compile(
+    r"-----BEGIN [A-Z ]{1,80}-----(?:.*?-----END [A-Z ]{1,80}-----|.*)", re.DOTALL
+)
+# "SOMETHING_TOKEN': 'value'", "password=value", "Authorization: Basic ...".
+# A name is a whole run of name characters (the look-behind), which holds
+# one of the words; the look-ahead finds that word without leaving the run.
+_NAME_CHARS = r"A-Za-z0-9_\-"
+_SECRET_WORDS = (
+    "TOKEN|token|SECRET|secret|PASSWORD|password|KEYFILE|_KEY|Authorization|authorization"
+)
+_SECRET_WORD_LIST = tuple(_SECRET_WORDS.split("|"))
 _NAMED_SECRET_RE = re.compile(
-    r"""(?P<name>[A-Za-z0-9_\-]*(?:TOKEN|token|SECRET|secret|PASSWORD|password|"""
-    r"""KEYFILE|_KEY|Authorization|authorization)[A-Za-z0-9_\-]*['"]?\s*[:=]\s*)"""
+    rf"""(?<![{_NAME_CHARS}])(?P<name>(?=[{_NAME_CHARS}]*?(?:{_SECRET_WORDS}))"""
+    rf"""[{_NAME_CHARS}]+['"]?\s*[:=]\s*)"""
     r"""(?P<quote>['"]?)(?P<value>(?:Basic |Bearer |token )?[^'"\s,}]+)"""
 )
 _WORD_RE = re.compile(r"[A-Za-z0-9_\-+/=.]{12,}")
+# what a cut may leave half of: a run of the characters of secret words
+_RUN_RE = re.compile(r"[A-Za-z0-9_\-+/=.]*")
+# characters that would let a logged value start a new line or steer a terminal
+_CONTROL_RE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class SecretRegistry:
@@ -38,6 +62,7 @@ class SecretRegistry:
         self._lock = threading.Lock()
         self._words = set()
         self._phrases = set()
+        self._longest_word = 0
 
     def add(self, secret):
         if not secret or len(secret) < 4:
@@ -46,6 +71,7 @@ class SecretRegistry:
         with self._lock:
             if _WORD_RE.fullmatch(secret):
                 self._words.add(secret)
+                self._longest_word = max(self._longest_word, len(secret))
             else:
                 self._phrases.add(secret)
 
@@ -55,12 +81,17 @@ class SecretRegistry:
             self._phrases.discard(secret)
 
     def scrub(self, text):
+        """``text`` with every known secret and secret-looking value replaced"""
         if not text:
             return text
-        text = _PEM_RE.sub(REDACTED, text)
-        text = _NAMED_SECRET_RE.sub(
-            lambda m: f"{m.group('name')}{m.group('quote')}{REDACTED}", text
-        )
+        if "-----BEGIN " in text:
+            text = _PEM_RE.sub(REDACTED, text)
+        # a substring search is much faster than the pattern: most lines
+        # name no secret at all
+        if any(word in text for word in _SECRET_WORD_LIST):
+            text = _NAMED_SECRET_RE.sub(
+                lambda m: f"{m.group('name')}{m.group('quote')}{REDACTED}", text
+            )
         words = self._words
         if words:
             text = _WORD_RE.sub(
@@ -71,22 +102,66 @@ class SecretRegistry:
                 text = text.replace(phrase, REDACTED)
         return text
 
+    def cut(self, text, limit):
+        """``(head, note)``: ``text`` cut to about ``limit`` characters, and
+        a note of how much was cut ("" if nothing).
+
+        The end of what the cut leaves of a word (as long as the longest
+        known secret word) is replaced, as is the start of a known phrase at
+        the end, so that a secret cut in two does not show its first half.
+        A named secret's value cut short is still found by :meth:`scrub`.
+        """
+        if len(text) <= limit:
+            return text, ""
+        head = text[:limit]
+        for phrase in tuple(self._phrases):
+            head = _without_phrase_start(head, phrase)
+        if _RUN_RE.match(text[limit]).end():
+            # a known secret word cut in two ends the head: hide as much
+            # of the last run as the longest known word
+            run = _RUN_RE.match(head[::-1]).end()
+            hidden = min(run, self._longest_word)
+            if hidden:
+                head = head[: len(head) - hidden] + REDACTED
+        return head, f" [cut {len(text) - limit} characters]"
+
+    def shorten(self, text, limit):
+        """``text`` cut to about ``limit`` characters, the cut marked (see :meth:`cut`)"""
+        return "".join(self.cut(text, limit))
+
+
+def _without_phrase_start(text, phrase):
+    """``text`` with a beginning of ``phrase`` at its end replaced"""
+    for length in range(len(phrase) - 1, 0, -1):
+        if text.endswith(phrase[:length]):
+            return text[:-length] + REDACTED
+    return text
+
 
 secrets = SecretRegistry()
 
 
+def escape_control(text):
+    """``text`` with line breaks and other control characters escaped, so that
+    text from a hub cannot start a log line of its own"""
+    return _CONTROL_RE.sub(lambda m: repr(m.group(0))[1:-1], text)
+
+
 def scrub_record(record):
-    """Format a log record's message now and remove secrets from it"""
+    """Format a log record's message now, cut it to size, remove secrets from
+    it and escape its control characters (one record, one line)"""
     try:
         message = record.getMessage()
     except Exception:
         message = str(record.msg)
     if record.exc_info and not record.exc_text:
         record.exc_text = "".join(traceback.format_exception(*record.exc_info))
-    record.msg = secrets.scrub(message)
+    message, note = secrets.cut(message, MAX_MESSAGE_LENGTH)
+    record.msg = escape_control(secrets.scrub(message)) + note
     record.args = ()
     if record.exc_text:
-        record.exc_text = secrets.scrub(record.exc_text)
+        exc_text, note = secrets.cut(record.exc_text, MAX_TRACEBACK_LENGTH)
+        record.exc_text = secrets.scrub(exc_text) + note
     return record
 
 
@@ -114,15 +189,21 @@ def install_scrubber():
 
 
 def scrub_url(url):
-    """Drop the values of secret-looking query arguments from a URL"""
-    parsed = urlparse(url)
-    if not parsed.query:
+    """Drop the values of secret-looking query arguments from a URL.
+
+    The rest of the URL is kept as it was sent (no decoding and re-encoding).
+    """
+    base, sep, query = url.partition("?")
+    if not query:
         return url
-    query = [
-        (k, REDACTED if k.lower() in _SECRET_QUERY_KEYS else v)
-        for k, v in parse_qsl(parsed.query, keep_blank_values=True)
-    ]
-    return urlunparse(parsed._replace(query=urlencode(query, safe="[]")))
+    query, hash_sign, fragment = query.partition("#")
+    arguments = []
+    for argument in query.split("&"):
+        name, equals, _ = argument.partition("=")
+        if equals and unquote_plus(name).lower() in _SECRET_QUERY_KEYS:
+            argument = f"{name}={REDACTED}"
+        arguments.append(argument)
+    return f"{base}{sep}{'&'.join(arguments)}{hash_sign}{fragment}"
 
 
 def log_request(handler):
@@ -145,12 +226,13 @@ def log_request(handler):
         return  # polls at the default level: nothing to format
     hub = getattr(handler, "current_hub", None) or "-"
     duration_ms = 1000.0 * request.request_time()
+    uri = secrets.shorten(scrub_url(request.uri), MAX_URI_LENGTH)
     access_log.log(
         level,
         "%s %s %s (%s@%s) %.2fms",
         status,
         request.method,
-        scrub_url(request.uri),
+        uri,
         hub,
         request.remote_ip,
         duration_ms,
@@ -159,4 +241,5 @@ def log_request(handler):
 
 def json_for_log(obj):
     """Compact JSON for a log line, with secrets scrubbed"""
-    return secrets.scrub(json.dumps(obj, default=str, sort_keys=True))
+    text, note = secrets.cut(json.dumps(obj, default=str, sort_keys=True), MAX_MESSAGE_LENGTH)
+    return secrets.scrub(text) + note

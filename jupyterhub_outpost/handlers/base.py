@@ -1,9 +1,9 @@
 """Base handler: hub authentication, JSON in and out, error bodies."""
 
 import base64
-import binascii
 import json
 import logging
+import re
 
 from tornado import web
 from tornado.log import app_log
@@ -12,15 +12,25 @@ from ..errors import OutpostError, start_failure_body
 
 _REASONS = {419: "Start Failed"}
 
+# Deepest nesting of arrays and objects a JSON body may have; real requests
+# use a few levels
+MAX_JSON_DEPTH = 32
+
+# how a JSON text writes half of a UTF-16 surrogate pair ("\ud83d")
+_SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F]")
+
 
 @web.stream_request_body
 class OutpostAPIHandler(web.RequestHandler):
     """Base class of every API handler.
 
-    ``prepare()`` authenticates the hub with HTTP Basic credentials (the user
-    name names the hub); ``current_hub`` is its name afterwards. Errors are
-    written as ``{"status": ..., "message": ...}``; failed starts keep the
-    protocol's 419 shape.
+    ``prepare()`` runs :meth:`check_request`: it authenticates the hub with
+    HTTP Basic credentials (the user name names the hub; ``current_hub`` is
+    its name afterwards) and checks the announced body size. The body is
+    streamed in: at most ``max_body_size`` bytes are kept. A rejected
+    request is answered once its body has arrived. Errors are written as
+    ``{"status": ..., "message": ...}``; failed starts keep the protocol's
+    419 shape.
     """
 
     auth_required = True
@@ -51,24 +61,55 @@ class OutpostAPIHandler(web.RequestHandler):
     async def prepare(self):
         self._body_chunks = []
         self._body_size = 0
-        self._body_too_large = False
-        length = self.request.headers.get("Content-Length")
-        limit = self.outpost.max_body_size
-        self.request.connection.set_max_body_size(max(limit, 1) * 4 + 65536)
-        if length and length.isdigit() and int(length) > limit:
-            raise web.HTTPError(413, f"The request body exceeds {limit} bytes")
+        self._rejection = None
+        try:
+            self.check_request()
+        except web.HTTPError as error:
+            if self._client_waits():
+                raise
+            self._reject(error)
+
+    def check_request(self):
+        """Authenticate the hub, then check the size the body announces.
+
+        Raises :class:`tornado.web.HTTPError`. Credentials come first: a hub
+        with a wrong password learns nothing about the size limit.
+        """
         if self.auth_required:
             self.current_hub = self._authenticate()
+        length = self.request.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self.outpost.max_body_size:
+            raise self._too_large()
+
+    def _too_large(self):
+        return web.HTTPError(413, f"The request body exceeds {self.outpost.max_body_size} bytes")
+
+    def _client_waits(self):
+        """True when the client waits for an answer before it sends its body
+        (``Expect: 100-continue``): answered now, it never sends the body"""
+        return self.request.headers.get("Expect", "").lower() == "100-continue"
+
+    def _reject(self, error):
+        """Answer ``error`` after the body, which is read and dropped.
+
+        Tornado closes a connection answered before its body was read: the
+        client, still sending, would see a reset instead of the answer, and
+        a kept-alive connection would end. The HTTP server's ``body_timeout``
+        bounds how long a body may take.
+        """
+        self._rejection = error
+        self._body_chunks = []
+        # the method Tornado calls after the body (get, post, ...) raises instead
+        setattr(self, self.request.method.lower(), self._raise_rejection)
+
+    def _raise_rejection(self, *args, **kwargs):
+        raise self._rejection
 
     def _authenticate(self):
         header = self.request.headers.get("Authorization", "")
         scheme, _, encoded = header.partition(" ")
         if scheme.lower() == "basic" and encoded:
-            try:
-                decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf8")
-            except (binascii.Error, UnicodeDecodeError):
-                decoded = ""
-            name, sep, password = decoded.partition(":")
+            name, sep, password = _basic_credentials(encoded)
             if sep and self.outpost.check_hub_credentials(name, password):
                 return name
         error = web.HTTPError(401, "Wrong or missing credentials")
@@ -76,28 +117,34 @@ class OutpostAPIHandler(web.RequestHandler):
         raise error
 
     def data_received(self, chunk):
+        if self._rejection is not None:
+            return
         self._body_size += len(chunk)
         if self._body_size > self.outpost.max_body_size:
-            self._body_too_large = True
-            self._body_chunks = []
+            self._reject(self._too_large())
         else:
             self._body_chunks.append(chunk)
 
     def get_json_body(self):
-        """The body as a JSON object; 400 if it is not one, 413 if too large"""
-        if self._body_too_large:
-            raise web.HTTPError(
-                413, f"The request body exceeds {self.outpost.max_body_size} bytes"
-            )
+        """The body as a JSON object; 400 if it is not one"""
         body = b"".join(self._body_chunks)
         if not body:
             raise web.HTTPError(400, "The request needs a JSON object as body")
+        too_deep = web.HTTPError(
+            400, f"The request body is nested deeper than {MAX_JSON_DEPTH} levels"
+        )
         try:
             model = json.loads(body)
+        except RecursionError:  # deeper than the parser goes
+            raise too_deep from None
         except (ValueError, UnicodeDecodeError):
             raise web.HTTPError(400, "The request body is not valid JSON") from None
+        if _nested_deeper_than(model, MAX_JSON_DEPTH):
+            raise too_deep
         if not isinstance(model, dict):
             raise web.HTTPError(400, "The request body must be a JSON object")
+        if _SURROGATE_ESCAPE_RE.search(body) and _has_lone_surrogate(model):
+            raise web.HTTPError(400, "The request body holds an unpaired \\u surrogate escape")
         return model
 
     def is_async(self):
@@ -135,9 +182,55 @@ class OutpostAPIHandler(web.RequestHandler):
         else:
             status_code = 500
             body = {"status": 500, "message": "Internal error; see the Outpost's log"}
+        if status_code == 405:
+            self.set_header("Allow", ", ".join(self.allowed_methods()))
         self.set_header("Content-Type", "application/json")
         self.set_status(status_code, _REASONS.get(status_code))
         self.finish(json.dumps(body))
+
+    def allowed_methods(self):
+        """The HTTP methods this handler implements"""
+        default = web.RequestHandler
+        return [
+            method
+            for method in self.SUPPORTED_METHODS
+            if getattr(type(self), method.lower()) is not getattr(default, method.lower())
+        ]
+
+
+def _basic_credentials(encoded):
+    """(name, ":", password) from a Basic credential; ("", "", "") if unreadable"""
+    try:
+        decoded = base64.b64decode(encoded.strip().encode("ascii"), validate=True)
+        return decoded.decode("utf8").partition(":")
+    except (ValueError, UnicodeError):  # binascii.Error is a ValueError
+        return "", "", ""
+
+
+def _nested_deeper_than(model, limit):
+    """True if arrays and objects in ``model`` nest more than ``limit`` levels.
+
+    Walks one level at a time (no recursion), visiting each array and object once.
+    """
+    containers = (dict, list)
+    level = [model] if type(model) in containers else []
+    for _ in range(limit):
+        inner = []
+        for value in level:
+            children = value.values() if type(value) is dict else value
+            inner += [child for child in children if type(child) in containers]
+        level = inner
+    return bool(level)
+
+
+def _has_lone_surrogate(model):
+    """True if a string in ``model`` holds half of a surrogate pair: such text
+    cannot be encoded (environment, database, logs)"""
+    try:
+        json.dumps(model, ensure_ascii=False).encode("utf8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _message(exc):
@@ -155,5 +248,5 @@ class NotFoundAPIHandler(OutpostAPIHandler):
 
     auth_required = False
 
-    def prepare(self):
+    def check_request(self):
         raise web.HTTPError(404, "Not found")
