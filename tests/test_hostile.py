@@ -55,6 +55,7 @@ pytestmark = pytest.mark.slow
 
 SEED = int(os.environ.get("OUTPOST_HOSTILE_SEED", "20251201"))
 CONCURRENCY = int(os.environ.get("OUTPOST_HOSTILE_CONCURRENCY", "16"))  # requests in flight
+SEND_INTERVAL = 0.025  # seconds between two requests: 40 a second, as a busy set of hubs
 ANSWER_LIMIT = 3.0  # seconds: no hostile request does enough work to take longer
 CLIENT_TIMEOUT = 15.0  # seconds the client waits for an answer
 LYING_WAIT = 1.5  # seconds to wait for an answer to a body that never completes
@@ -733,20 +734,28 @@ async def _send_all(outpost, probes):
     slots = asyncio.Semaphore(CONCURRENCY)
 
     async def send(probe):
-        async with slots:
-            started = time.monotonic()
-            try:
-                if probe.raw is not None:
-                    await _send_raw(outpost, probe)
-                else:
-                    await _send_http(outpost, probe, client)
-            except Exception as e:
-                probe.error = f"no answer: {type(e).__name__}: {e}"[:160]
-            probe.elapsed = time.monotonic() - started
-            if probe.status is not None:
-                probe.error = ""
+        started = time.monotonic()
+        try:
+            if probe.raw is not None:
+                await _send_raw(outpost, probe)
+            else:
+                await _send_http(outpost, probe, client)
+        except Exception as e:
+            probe.error = f"no answer: {type(e).__name__}: {e}"[:160]
+        finally:
+            slots.release()
+        probe.elapsed = time.monotonic() - started
+        if probe.status is not None:
+            probe.error = ""
 
-    await asyncio.gather(*(send(p) for p in probes))
+    # at a fixed rate, at most CONCURRENCY in flight
+    loop = asyncio.get_running_loop()
+    start, sent = loop.time(), []
+    for i, probe in enumerate(probes):
+        await asyncio.sleep(max(0.0, start + i * SEND_INTERVAL - loop.time()))
+        await slots.acquire()
+        sent.append(asyncio.ensure_future(send(probe)))
+    await asyncio.gather(*sent)
     client.close()
 
 
