@@ -791,8 +791,8 @@ def marker_paths(workdir):
         found.update(glob.glob(os.path.join(glob.escape(root), f"**/*{MARKER}*"), recursive=True)
                      if root in (os.getcwd(), str(workdir.parent)) else
                      glob.glob(os.path.join(glob.escape(root), f"*{MARKER}*")))
-    inside = str(workdir) + os.sep
-    return sorted(p for p in found if not p.startswith(inside))
+    inside = os.path.realpath(workdir) + os.sep  # pytest links "<name>current" to it
+    return sorted(p for p in found if not os.path.realpath(p).startswith(inside))
 
 
 @pytest.fixture(scope="module")
@@ -821,9 +821,20 @@ async def barrage(tmp_path_factory, fake_hub):
         await stop_outpost(outpost)
         kill_servers_of(tokens)
         for path in marker_paths(workdir):
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+            _remove(path)
         if ON_POSTGRES:
             drop_databases([outpost.db_url])
+
+
+def _remove(path):
+    """Remove what a traversal made; below the current directory, from its top"""
+    relative = os.path.relpath(path, os.getcwd())
+    if not relative.startswith(".."):
+        path = os.path.join(os.getcwd(), relative.split(os.sep)[0])
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.unlink(path)
 
 
 async def _state_after(outpost, probes, workdir):
