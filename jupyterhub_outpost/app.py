@@ -299,11 +299,11 @@ class JupyterHubOutpost(Application):
 
         By default a start whose ``env`` holds ``PATH``, ``LD_*``,
         ``PYTHONPATH``, ``PYTHONHOME``, ``PYTHONSTARTUP``, ``BASH_ENV``,
-        ``ENV``, ``HOME``, ``JUPYTER_CONFIG_DIR``, ``JUPYTERHUB_SINGLEUSER_APP``
-        and similar keys is refused (status 419, naming them). List the keys
-        to accept, or ``["*"]`` for all::
+        ``ENV``, ``HOME``, ``JUPYTER_CONFIG_DIR`` and similar keys is refused
+        (status 419, naming them). List the keys to accept, or ``["*"]`` for
+        all::
 
-            c.JupyterHubOutpost.allowed_env_keys = ["JUPYTERHUB_SINGLEUSER_APP"]
+            c.JupyterHubOutpost.allowed_env_keys = ["JUPYTER_CONFIG_DIR"]
 
         .. versionadded:: 0.2
         """,
