@@ -37,6 +37,7 @@ from .liveness import known_gone
 from .log import secrets
 from .objects import OutpostDB, OutpostHub, OutpostORMSpawner, OutpostUser
 from .spawnercalls import SpawnerCalls, runs_on_loop
+from .spawners import localprocess
 from .statekeeper import StateKeeper, state_is_unknown, state_to_save
 from .utils import (
     as_utc, format_service_address, isoformat, open_private_dir, path_inside, utcnow, wait_until,
@@ -601,6 +602,8 @@ class ServerManager(LoggingConfigurable):
             return []  # another process stopped it
         async with self._turns:
             managed = await self._managed(record.key, record.id)
+        if record.start_pending:
+            await self._find_interrupted(managed)
         logs = await self._logs(managed) if collect_logs else []
         timeout = self.app.stop_timeout
         try:
@@ -619,6 +622,15 @@ class ServerManager(LoggingConfigurable):
         await self._forget(managed)
         self.log.info("%s - stopped", managed.log_name)
         return logs
+
+    async def _find_interrupted(self, managed):
+        """A start interrupted before its state was saved: find what it launched"""
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(
+            None, localprocess.recover_interrupted, managed.spawner, managed.env
+        )
+        if found:
+            self.log.warning("%s - found process %s of the interrupted start", managed.log_name, found)
 
     async def _claim_stop(self, record):
         """Make this process the one that stops ``record``: claim it, take it

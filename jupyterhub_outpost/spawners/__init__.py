@@ -1,0 +1,1 @@
+"""What particular Spawner families need from the Outpost."""
