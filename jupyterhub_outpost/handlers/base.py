@@ -1,11 +1,15 @@
 """Base handler: hub authentication, JSON in and out, error bodies."""
 
+import asyncio
 import base64
 import json
 import logging
 import re
+import socket
+import time
 
-from tornado import web
+from tornado import httputil, web
+from tornado.iostream import StreamClosedError
 from tornado.log import app_log
 
 from ..errors import OutpostError, start_failure_body
@@ -15,6 +19,11 @@ _REASONS = {419: "Start Failed"}
 # Deepest nesting of arrays and objects a JSON body may have; real requests
 # use a few levels
 MAX_JSON_DEPTH = 32
+
+# After answering a body announced too large before it arrived, the rest is
+# read and dropped (so that the client, still sending, gets the answer rather
+# than a reset) for at most body_timeout seconds, and while it keeps coming
+LINGER_IDLE_SECONDS = 2
 
 # how a JSON text writes half of a UTF-16 surrogate pair ("\ud83d")
 _SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -67,7 +76,35 @@ class OutpostAPIHandler(web.RequestHandler):
         except web.HTTPError as error:
             if self._client_waits():
                 raise
+            if error.status_code == 413 or self._announced_length() > self.outpost.max_body_size:
+                # a body that large is not waited for: answer now
+                self._answer_and_linger(error)
+                return
             self._reject(error)
+
+    def _announced_length(self):
+        length = self.request.headers.get("Content-Length", "")
+        return int(length) if length.isdigit() else 0
+
+    def _answer_and_linger(self, error):
+        """Answer ``error`` at once and close, reading what the client still
+        sends for a while (as a web server's lingering close does)."""
+        self.set_status(error.status_code)
+        body = json.dumps({"status": error.status_code, "message": _message(error)}).encode()
+        headers = {
+            "Content-Type": "application/json",
+            "Cache-Control": "no-store",
+            "Content-Length": str(len(body)),
+            "Connection": "close",
+            **(getattr(error, "headers", None) or {}),
+        }
+        head = f"HTTP/1.1 {error.status_code} {httputil.responses.get(error.status_code, 'Error')}\r\n"
+        head += "".join(f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n"
+        stream = self.detach()  # only while the headers are handled (prepare runs then)
+        self.application.log_request(self)
+        asyncio.ensure_future(
+            _linger(stream, head.encode("latin1") + body, self.outpost.body_timeout)
+        )
 
     def check_request(self):
         """Authenticate the hub, then check the size the body announces.
@@ -134,7 +171,11 @@ class OutpostAPIHandler(web.RequestHandler):
             400, f"The request body is nested deeper than {MAX_JSON_DEPTH} levels"
         )
         try:
-            model = json.loads(body)
+            # JSON is UTF-8 (RFC 8259): no other encoding, no byte order mark,
+            # and none of Python's extensions (NaN, Infinity, numbers too large)
+            model = json.loads(
+                body.decode("utf8"), parse_constant=_no_constant, parse_float=_finite_float
+            )
         except RecursionError:  # deeper than the parser goes
             raise too_deep from None
         except (ValueError, UnicodeDecodeError):
@@ -231,6 +272,32 @@ def _has_lone_surrogate(model):
     except UnicodeEncodeError:
         return True
     return False
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+async def _linger(stream, response, timeout):
+    """Write ``response``, drop what arrives until the client is done (at most
+    ``timeout`` seconds), close"""
+    try:
+        await stream.write(response)
+        stream.socket.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            await asyncio.wait_for(stream.read_bytes(65536, partial=True), LINGER_IDLE_SECONDS)
+    except (StreamClosedError, OSError, asyncio.TimeoutError):
+        pass
+    finally:
+        stream.close()
 
 
 def _message(exc):
