@@ -14,7 +14,6 @@ import asyncio
 import html
 import os
 import shutil
-import time
 from functools import partial
 
 from jupyterhub.utils import iterate_until, maybe_future
@@ -26,22 +25,20 @@ from .errors import (
     AccountRefusedError,
     OutpostError,
     OverrideRefusedError,
-    ServerBusyError,
     ServerNotFoundError,
     StartCancelledError,
     StartFailedError,
     StatusUnknownError,
     StopFailedError,
 )
-from .liveness import known_gone
+from . import certs
 from .log import secrets
 from .objects import OutpostDB, OutpostHub, OutpostORMSpawner, OutpostUser
 from .spawnercalls import SpawnerCalls, runs_on_loop
 from .spawners import localprocess
 from .statekeeper import StateKeeper, state_is_unknown, state_to_save
-from .utils import (
-    as_utc, format_service_address, isoformat, open_private_dir, path_inside, utcnow, wait_until,
-)  # fmt: skip
+from .stops import StopClaims
+from .utils import format_service_address, isoformat
 
 # env keys that describe the Outpost side of a server (where it binds, where
 # its certificates are): the Spawner's own values win over the hub's.
@@ -156,6 +153,9 @@ class ServerManager(LoggingConfigurable):
         self._turns = asyncio.Semaphore(max(1, app.concurrent_bookkeeping))
         # this process, as named in the records of the starts and stops it runs
         self.owner = app.process_owner
+        self.claims = StopClaims(
+            self.db, self.owner, app.pending_timeout, app.stop_timeout + OTHER_STOP_WAIT
+        )
         self.calls = SpawnerCalls(app.spawner_threads)
 
     # building spawners
@@ -457,36 +457,6 @@ class ServerManager(LoggingConfigurable):
         if e is not None and not isinstance(e, OutpostError):
             self.log.error("Background task failed: %s", _describe(e), exc_info=e)
 
-    # certificates
-
-    def _cert_dir(self, record):
-        """The start's own certificate folder: ``certs_dir/<hub>/<name>~<start_id>``.
-
-        "~" is in neither a name nor a start id, so no two starts share one.
-        """
-        return os.path.join(self.app.certs_dir, *_cert_segments(record))
-
-    async def _install_certs(self, managed, certs, trust_bundles):
-        directory = self._cert_dir(managed.record)
-        loop = asyncio.get_running_loop()
-        paths, bundles = await loop.run_in_executor(
-            None,
-            partial(
-                _write_cert_files, self.app.certs_dir, _cert_segments(managed.record),
-                certs, trust_bundles,
-            ),
-        )  # fmt: skip
-        spawner = managed.spawner
-        spawner.internal_ssl = True
-        spawner.internal_trust_bundles = bundles
-        spawner.internal_certs_location = directory
-        spawner.cert_paths = await maybe_future(spawner.move_certs(paths))
-
-    async def _remove_certs(self, managed):
-        directory = self._cert_dir(managed.record)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, partial(shutil.rmtree, directory, ignore_errors=True))
-
     # poll
 
     async def _managed(self, key, record_id):
@@ -592,13 +562,15 @@ class ServerManager(LoggingConfigurable):
         return {"logs": await asyncio.shield(task)}
 
     async def _run_stop(self, record, collect_logs):
-        managed = self.active.get(record.key)
+        key = record.key
+        managed = self.active.get(key)
         if managed is not None and managed.starting:
             managed.start_task.cancel()
             await asyncio.wait([managed.start_task])
             return []
-        record = await self._claim_stop(record)
+        record = await self.claims.claim(record)
         if record is None:
+            self._drop_stale(key)
             return []  # another process stopped it
         async with self._turns:
             managed = await self._managed(record.key, record.id)
@@ -632,78 +604,6 @@ class ServerManager(LoggingConfigurable):
         if found:
             self.log.warning("%s - found process %s of the interrupted start", managed.log_name, found)
 
-    async def _claim_stop(self, record):
-        """Make this process the one that stops ``record``: claim it, take it
-        over from a dead process, or wait while another process stops it.
-
-        Returns the record, or None once another process stopped the server.
-        """
-        deadline = time.monotonic() + self.app.stop_timeout + OTHER_STOP_WAIT
-        while True:
-            if await self._claim(record):
-                return record
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ServerBusyError(
-                    "Another Outpost process is stopping this server; try again later"
-                )
-            record = await self._next_change(record, remaining)
-            if record is None:
-                return None
-
-    async def _claim(self, record):
-        """True if this process may stop ``record`` now"""
-        if record.owner == self.owner and (record.start_pending or record.stop_pending):
-            return True
-        if record.start_pending or record.stop_pending:
-            if await self._owner_gone(record):
-                return await self.db.take_over(record.id, record.owner, self.owner)
-            if record.start_pending:
-                # the process that starts it ends the start when it sees this
-                await self.db.request_stop(record.id)
-            return False
-        return await self.db.claim_stop(record.id, self.owner)
-
-    async def _next_change(self, record, timeout):
-        """The record once its stop can go on, or None once it is gone"""
-        result = {}
-
-        async def changed():
-            current = await self.db.get_server(*record.key)
-            if current is None or current.id != record.id:
-                result["record"] = None
-                return True
-            if not (current.start_pending or current.stop_pending) or await self._owner_gone(current):
-                result["record"] = current
-                return True
-            return False
-
-        try:
-            await wait_until(changed, timeout=timeout, message="the other stop")
-        except TimeoutError:
-            return record
-        if result["record"] is None:
-            self._drop_stale(record.key)
-        return result["record"]
-
-    async def _owner_gone(self, record, leases=None, now=None):
-        """True if the process that runs ``record``'s pending start or stop ended.
-
-        Without a recorded owner (or its lease), only age tells:
-        ``pending_timeout`` seconds since the last update.
-        """
-        now = now or utcnow()
-        if record.owner == self.owner:
-            return False
-        if record.owner:
-            if leases is None:
-                leases = await self.db.process_leases({record.owner})
-            lease = leases.get(record.owner)
-            if lease is not None:
-                return known_gone(lease, now)
-        age = (now - as_utc(record.last_update)).total_seconds()
-        return age >= self.app.pending_timeout
-
     def _drop_stale(self, key):
         """Forget this process' Spawner of a server whose record is gone
         (another process stopped it), and the secrets registered for it"""
@@ -727,6 +627,26 @@ class ServerManager(LoggingConfigurable):
             if managed.record.id not in recorded and self.active.get(key) is managed:
                 self._drop_stale(key)
 
+    # certificates
+
+    def _cert_dir(self, record):
+        return certs.cert_dir(self.app.certs_dir, record.key)
+
+    async def _install_certs(self, managed, pems, trust_bundles):
+        loop = asyncio.get_running_loop()
+        write = partial(certs.write_cert_files, self.app.certs_dir, managed.record.key, pems, trust_bundles)
+        paths, bundles = await loop.run_in_executor(None, write)
+        spawner = managed.spawner
+        spawner.internal_ssl = True
+        spawner.internal_trust_bundles = bundles
+        spawner.internal_certs_location = self._cert_dir(managed.record)
+        spawner.cert_paths = await maybe_future(spawner.move_certs(paths))
+
+    async def _remove_certs(self, managed):
+        directory = self._cert_dir(managed.record)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, partial(shutil.rmtree, directory, ignore_errors=True))
+
     # listing and housekeeping
 
     async def list(self, hub):
@@ -743,21 +663,17 @@ class ServerManager(LoggingConfigurable):
         decides which one does.
         """
         records = await self.db.list_servers(pending_only=True)
-        now = utcnow()
-        leases = await self.db.process_leases({r.owner for r in records if r.owner})
-        for record in records:
-            if record.key in self.active or record.key in self._stopping:
-                continue
-            if not await self._owner_gone(record, leases, now):
-                continue
-            if not await self.db.take_over(record.id, record.owner, self.owner):
-                continue
-            self.log.warning("%s/%s/%s - stopping after an interrupted %s", *record.key,
-                             "start" if record.start_pending else "stop")  # fmt: skip
-            try:
-                await self.stop(*record.key)
-            except Exception as e:
-                self.log.error("%s/%s/%s - cleanup failed: %s", *record.key, _describe(e))
+        records = [r for r in records if r.key not in self.active and r.key not in self._stopping]
+        taken = await self.claims.take_over_interrupted(records)
+        await asyncio.gather(*(self._finish_interrupted(record) for record in taken))
+
+    async def _finish_interrupted(self, record):
+        self.log.warning("%s/%s/%s - stopping after an interrupted %s", *record.key,
+                         "start" if record.start_pending else "stop")  # fmt: skip
+        try:
+            await self.stop(*record.key)
+        except Exception as e:
+            self.log.error("%s/%s/%s - cleanup failed: %s", *record.key, _describe(e))
 
     async def shutdown(self, timeout=10):
         """Cancel starts in flight and wait for stops; running servers keep running"""
@@ -791,40 +707,6 @@ def _merge_env(spawner, hub_env):
         return env
 
     spawner.get_env = get_env
-
-
-def _cert_segments(record):
-    hub, name, start_id = record.key
-    return hub, f"{name}~{start_id}"
-
-
-def _write_cert_files(base, segments, certs, trust_bundles):
-    """Write PEM texts to a private folder below ``base``; return (cert paths, bundle paths).
-
-    Symlinks on the way are not followed and every file name is checked
-    to stay in the folder: nothing is written elsewhere.
-    """
-    directory = os.path.join(os.path.realpath(base), *segments)
-    fd = open_private_dir(os.path.realpath(base), segments)
-    try:
-
-        def write(filename, text):
-            path = os.path.join(directory, filename)
-            if os.path.dirname(path) != directory or not path_inside(directory, path):
-                raise ValueError(f"Not a file name in the certificate folder: {filename!r}")
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-            file_fd = os.open(filename, flags, 0o600, dir_fd=fd)
-            with os.fdopen(file_fd, "w") as f:
-                f.write(text)
-            return path
-
-        paths = {key: write(f"{key}.pem", certs[key]) for key in ("keyfile", "certfile", "cafile") if certs.get(key)}
-        bundles = {name: write(f"{name}.crt", text) for name, text in trust_bundles.items()}
-    finally:
-        os.close(fd)
-    if "cafile" not in paths and "notebooks-ca" in bundles:
-        paths["cafile"] = bundles["notebooks-ca"]
-    return paths, bundles
 
 
 class _StopRequested(Exception):

@@ -29,6 +29,7 @@ from .utils import (
     new_db_url,
     pids_with_env,
     process_config,
+    processes_of,
     query_db,
     server_answers,
     start_body,
@@ -39,6 +40,7 @@ from .utils import (
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOOP = "benchmarks.noop_spawner.NoopSpawner"
 DETACHED = "tests.mocking.DetachedProcessSpawner"
+SLOW = "tests.mocking.SlowStartSpawner"
 
 
 async def two_processes(tmp_path, processes, spawner_class, cmd=None):
@@ -261,3 +263,23 @@ async def test_a_process_forgets_servers_another_process_stopped(tmp_path, fake_
     finally:
         await stop_outpost(b)
         await stop_outpost(a)
+
+
+async def test_a_stop_sent_to_another_process_ends_a_pending_start(tmp_path, fake_hub, processes):
+    """A start still running in one process is ended by a stop sent to the other:
+    the stop answers once the server is gone, and its process was stopped"""
+    one, two = await two_processes(tmp_path, processes, SLOW, cmd=["sleep", "600"])
+    body = new_body(fake_hub, 1)
+    body["misc"] = {"start_delay": 60, "delay_after_launch": True}
+    processes.tokens.add(body["env"]["JUPYTERHUB_API_TOKEN"])
+    response = await start(one, body, headers={"execution-type": "async"})
+    assert response.code == 202, response.body
+    [pid] = await wait_until(lambda: processes_of(body), timeout=20, message="the process")
+
+    response = await stop(two, body)
+    assert response.code == 200, response.body
+    assert processes_of(body) == []
+    for process in (one, two):
+        assert (await poll(process, body)).code == 404
+    await assert_nothing_left(tmp_path, one, two)
+    assert_clean_logs(one, two)
