@@ -50,6 +50,7 @@ from _common import (
 
 CONFIG = """\
 c.JupyterHubOutpost.spawner_class = "benchmarks.noop_spawner.NoopSpawner"
+c.JupyterHubOutpost.allowed_overrides = ["start_delay"]  # slow starts per request
 c.JupyterHubOutpost.db_url = "sqlite:///{workdir}/outpost.sqlite"
 c.JupyterHubOutpost.internal_certs_location = "{workdir}/certs"
 # progress events only for the hub "bench-events" (posted to a fake hub)

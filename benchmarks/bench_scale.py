@@ -53,6 +53,7 @@ from _common import (
 
 CONFIG = """\
 c.JupyterHubOutpost.spawner_class = "benchmarks.noop_spawner.NoopSpawner"
+c.JupyterHubOutpost.allowed_overrides = ["start_delay"]  # slow starts per request
 c.JupyterHubOutpost.db_url = {db_url!r}
 c.JupyterHubOutpost.internal_certs_location = "{workdir}/certs"
 c.JupyterHubOutpost.send_events = False

@@ -45,13 +45,14 @@ from .utils import (
     ON_POSTGRES,
     api_request,
     basic_auth,
+    database_independent,
     drop_databases,
     kill_servers_of,
     pids_with_env,
     start_body,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, database_independent]
 
 SEED = int(os.environ.get("OUTPOST_HOSTILE_SEED", "20251201"))
 CONCURRENCY = int(os.environ.get("OUTPOST_HOSTILE_CONCURRENCY", "16"))  # requests in flight

@@ -27,11 +27,14 @@ from .utils import (
     OutpostProcess,
     api_request,
     basic_auth,
+    database_independent,
     drop_databases,
     json_of,
     process_config,
     start_body,
 )
+
+pytestmark = database_independent
 
 BODY_TIMEOUT = 2
 IDLE_TIMEOUT = 3

@@ -28,6 +28,13 @@ def sqlite_only(reason):
     """Mark a test whose behaviour exists for SQLite only (skipped on PostgreSQL)"""
     return pytest.mark.skipif(ON_POSTGRES, reason=f"SQLite only: {reason}")
 
+
+# a test whose subject (the HTTP layer, pure policy) does not depend on the
+# database: the suite's PostgreSQL run leaves it to the SQLite run
+database_independent = pytest.mark.skipif(
+    ON_POSTGRES, reason="does not depend on the database: runs on SQLite"
+)
+
 # databases made by new_db_url: path they stand for -> URL, in creation order
 test_databases = {}
 
