@@ -274,3 +274,17 @@ async def test_the_operator_may_allow_overrides_and_env_keys(strict, fake_hub):
     finally:
         strict.policy.allowed_overrides = frozenset()
         strict.policy.allowed_env_keys = frozenset()
+
+
+@pytest.mark.parametrize("missing", ["keyfile", "certfile", "cafile"])
+async def test_incomplete_certificates_are_400_and_nothing_is_written(app, fake_hub, missing):
+    body = start_body(fake_hub.url, user="certless")
+    body["certs"] = {"keyfile": "KEY", "certfile": "CERT", "cafile": "CA"}
+    del body["certs"][missing]
+    body["internal_trust_bundles"] = {"hub-ca": "CA"}
+    response = await api_request(app, "services", method="POST", body=body)
+    assert response.code == 400, response.body
+    assert missing in json_of(response)["message"]
+    assert json_of(await api_request(app, "services")) == []
+    start_id = body["user_options"]["start_id"]
+    assert not os.path.exists(os.path.join(app.certs_dir, "hub-a", f"~{start_id}"))

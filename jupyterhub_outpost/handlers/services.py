@@ -97,9 +97,23 @@ def parse_start_request(body):
             "flavor": flavor,
             "authentication": authentication,
         },
-        "certs": _check_string_map(body, "certs"),
-        "trust_bundles": check_trust_bundles(_check_string_map(body, "internal_trust_bundles")),
+        **check_certs(
+            _check_string_map(body, "certs"),
+            check_trust_bundles(_check_string_map(body, "internal_trust_bundles")),
+        ),
     }
+
+
+def check_certs(certs, trust_bundles):
+    """``internal_ssl`` certificates come complete: key, certificate and a CA
+    (``cafile``, or the ``notebooks-ca`` bundle), or not at all"""
+    if certs:
+        missing = [key for key in ("keyfile", "certfile") if not certs.get(key)]
+        if not certs.get("cafile") and not trust_bundles.get("notebooks-ca"):
+            missing.append("cafile")
+        if missing:
+            raise _bad(f"'certs' lacks {', '.join(missing)}")
+    return {"certs": certs, "trust_bundles": trust_bundles}
 
 
 class ServicesAPIHandler(OutpostAPIHandler):
