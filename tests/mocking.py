@@ -142,6 +142,13 @@ class SlowStartSpawner(SimpleLocalProcessSpawner):
         False, help="Wait after launching the process instead of before."
     ).tag(config=True)
 
+    unsaved_pid = Bool(
+        False,
+        help="get_state() leaves out the pid until start() returned: a crash "
+        "meanwhile finds no pid saved, as when the Outpost dies right after the "
+        "process was born.",
+    ).tag(config=True)
+
     async def start(self):
         if not self.delay_after_launch:
             await asyncio.sleep(self.start_delay)
@@ -149,6 +156,12 @@ class SlowStartSpawner(SimpleLocalProcessSpawner):
         result = await super().start()
         await asyncio.sleep(self.start_delay)
         return result
+
+    def get_state(self):
+        state = super().get_state()
+        if self.unsaved_pid and self._spawn_pending:
+            state.pop("pid", None)
+        return state
 
 
 # Starts the command in its arguments, prints its pid and exits without

@@ -50,7 +50,7 @@ def outpost(tmp_path, processes):
         tmp_path,
         cmd=IGNORES_SIGINT,
         spawner_class="tests.mocking.SlowStartSpawner",
-        allowed_overrides=["start_delay", "delay_after_launch"],
+        allowed_overrides=["start_delay", "delay_after_launch", "unsaved_pid"],
         pending_timeout=3600.0,  # what is interrupted must not wait for this
     )
     config += "c.Spawner.interrupt_timeout = 1\nc.Spawner.term_timeout = 5\n"
@@ -154,3 +154,22 @@ async def test_kill_9_at_any_moment_loses_and_ghosts_nothing(outpost, fake_hub):
         assert await settled(outpost) == []
     finally:
         kill_servers_of({t for body in bodies.values() for t in tokens_of(body)})
+
+
+async def test_a_process_born_before_its_pid_was_saved_is_found_and_stopped(outpost, fake_hub):
+    """The crash lands after the process was born and before its pid reached the
+    database: the restarted Outpost finds it by the server's token and stops it"""
+    body = start_body(fake_hub.url, user="unsaved", misc={
+        "start_delay": 60, "delay_after_launch": True, "unsaved_pid": True})
+    fake_hub.tokens.update(tokens_of(body))
+    try:
+        response = await api_request(outpost, "services", method="POST", body=body, headers=ASYNC)
+        assert response.code == 202, response.body
+        [pid] = await wait_until(lambda: processes_of(body), timeout=20, message="the process")
+        outpost.kill9()
+        await asyncio.to_thread(outpost.start)
+        await wait_until(lambda: not processes_of(body), timeout=30, message="the process to end")
+        assert await settled(outpost) == []
+        assert f"found process {pid} of the interrupted start" in outpost.log_text()
+    finally:
+        kill_servers_of(tokens_of(body))
