@@ -32,6 +32,11 @@ if not (os.environ.get("OUTPOST_HUB_CREDENTIALS") or os.environ.get("OUTPOST_HUB
 c.JupyterHubOutpost.spawner_class = "jupyterhub.spawner.SimpleLocalProcessSpawner"
 c.SimpleLocalProcessSpawner.home_dir_template = "/tmp/outpost-{username}"
 c.Spawner.start_timeout = 60
+# A stop answers within the hub's request timeout (30 s): SIGINT, SIGTERM
+# after 10 s, SIGKILL 5 s later (JupyterHub's defaults wait 30 + 30 s)
+c.Spawner.interrupt_timeout = 10
+c.Spawner.term_timeout = 5
+c.Spawner.kill_timeout = 5
 
 # Which per-start overrides ("misc") a hub may send. By default only the
 # OutpostSpawner's own network settings (ip, port, internal_ssl, ...) are

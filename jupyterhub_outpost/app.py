@@ -486,7 +486,7 @@ class JupyterHubOutpost(Application):
     ).tag(config=True)
 
     stop_timeout = Float(
-        60,
+        90,
         help="""Seconds a stop waits for the Spawner's ``stop()`` (and again for
         ``post_stop_hook``).
 
@@ -494,8 +494,8 @@ class JupyterHubOutpost(Application):
         polls ask the Spawner, and it can be stopped again. How long a stop
         takes is the Spawner's business: LocalProcessSpawner sends SIGINT,
         SIGTERM and SIGKILL, waiting ``interrupt_timeout``, ``term_timeout``
-        and ``kill_timeout`` (10 + 5 + 5 s by default) in between; keep their
-        sum below this.
+        and ``kill_timeout`` (JupyterHub 6: 30 + 30 + 5 s) in between; keep
+        their sum below this, and below the hub's request timeout (30 s).
 
         .. versionadded:: 0.2
         """,

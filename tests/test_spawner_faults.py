@@ -178,3 +178,27 @@ async def test_a_lost_state_after_a_restart_is_503_not_stopped(tmp_path, fake_hu
         assert json_of(await api_request(second, "services"))[0]["start_id"] == path[2]
     finally:
         await stop_outpost(second)
+
+
+@pytest.mark.parametrize(
+    "ignores, bound", [("INT", 1 * 1.1 + 1.5), ("INT TERM", 2 * 1.1 + 1.5)], ids=["SIGINT", "SIGINT+SIGTERM"]
+)
+async def test_a_stop_of_a_stubborn_process_stays_within_the_spawner_timeouts(
+    tmp_path, fake_hub, tokens, ignores, bound
+):
+    """SIGINT, then SIGTERM after interrupt_timeout, then SIGKILL after term_timeout:
+    the DELETE answers within those timeouts, and the process is gone"""
+    cfg = outpost_config(tmp_path, spawner_cmd=["sh", "-c", f"trap '' {ignores}; exec sleep 600"])
+    cfg.Spawner.interrupt_timeout = 1
+    cfg.Spawner.term_timeout = 1
+    outpost = await start_outpost(cfg)
+    try:
+        body, path, pid = await start_server(outpost, fake_hub, tokens)
+        began = time.monotonic()
+        response = await api_request(outpost, *path, method="DELETE")
+        took = time.monotonic() - began
+        assert response.code == 200, response.body
+        assert not pid_alive(pid)
+        assert took < bound, took
+    finally:
+        await stop_outpost(outpost)
