@@ -584,6 +584,17 @@ class Database:
             return None
         return row[0], bool(row[1]), bool(row[2])
 
+    async def stop_requested(self, server_ids):
+        """Which of ``server_ids`` are to be stopped (stop asked for, or gone)"""
+        return await self._read(self._stop_requested, list(server_ids))
+
+    def _stop_requested(self, connection, server_ids):
+        rows = connection.execute(
+            select(Server.id, Server.stop_pending).where(Server.id.in_(server_ids))
+        ).all()
+        found = {server_id for server_id, _ in rows}
+        return {server_id for server_id, stop in rows if stop} | (set(server_ids) - found)
+
     async def server_ids(self):
         """The ids of all recorded servers"""
         return await self._read(self._server_ids)

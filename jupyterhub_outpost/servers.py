@@ -36,7 +36,7 @@ from .log import secrets
 from .objects import OutpostDB, OutpostHub, OutpostORMSpawner, OutpostUser
 from .spawnercalls import SpawnerCalls, runs_on_loop
 from .spawners import localprocess
-from .statekeeper import StateKeeper, state_is_unknown, state_to_save
+from .statekeeper import StateKeepers, state_is_unknown, state_to_save
 from .stops import StopClaims
 from .utils import format_service_address, isoformat
 
@@ -157,6 +157,7 @@ class ServerManager(LoggingConfigurable):
             self.db, self.owner, app.pending_timeout, app.stop_timeout + OTHER_STOP_WAIT
         )
         self.calls = SpawnerCalls(app.spawner_threads)
+        self.keepers = StateKeepers(self.db, self.log)
 
     # building spawners
 
@@ -297,8 +298,7 @@ class ServerManager(LoggingConfigurable):
         spawner = managed.spawner
         spawner._spawn_pending = True
         forwarder = start_future = None
-        keeper = managed.keeper = StateKeeper(managed, self.db, self.log)
-        keeper.start(on_stop_requested=managed.start_task.cancel)
+        managed.keeper = self.keepers.add(managed, on_stop_requested=managed.start_task.cancel)
         try:
             if self.policy.events_enabled(managed.record.hub):
                 await self.hub_client.send_event(

@@ -3,7 +3,7 @@
 A start may launch a process, submit a batch job or create a pod long
 before ``start()`` returns. If the Outpost dies in between, only the saved
 state (pid, job id, pod name) lets a later process stop what was launched.
-So while a start runs, :class:`StateKeeper` saves ``get_state()`` as soon as
+So while a start runs, its :class:`StateKeeper` saves ``get_state()`` as soon as
 it changes: when the Spawner calls ``db.commit()`` (batchspawner does), when
 one of its traits changes (``pid``, ``job_id``, ...), and at least every
 ``interval`` seconds. It also notices when another process asked for the
@@ -12,6 +12,7 @@ server to be stopped, and then ends the start.
 
 import asyncio
 import copy
+import time
 
 from traitlets import All
 
@@ -37,83 +38,137 @@ def state_is_unknown(state):
 class StateKeeper:
     """Keeps the stored state of one starting server current.
 
-    Parameters:
-        managed: the :class:`~jupyterhub_outpost.servers.ManagedServer`
-        db: the :class:`~jupyterhub_outpost.orm.Database`
-        log: a logger
-        interval: seconds between checks when nothing woke the keeper
-        stop_check_every: checks between two reads of the stop flag
+    Made by :meth:`StateKeepers.add`; checks run when the Spawner commits or
+    changes a trait, and at each tick of the shared :class:`StateKeepers`.
     """
 
-    def __init__(self, managed, db, log, interval=0.1, stop_check_every=10):
+    def __init__(self, keepers, managed, on_stop_requested):
+        self.keepers = keepers
         self.managed = managed
-        self.db = db
-        self.log = log
-        self.interval = interval
-        self.stop_check_every = stop_check_every
-        self.stop_requested = False
+        self.on_stop_requested = on_stop_requested
         self._saved = _UNSAVED
-        self._wake = asyncio.Event()
-        self._task = None
+        self._writing = None  # the write in flight
+        self._dirty = False  # changed while a write was in flight
+        self._woken = False
         self._warned = False
 
     def wake(self, change=None):
         """Check the state at the next turn of the event loop"""
-        self._wake.set()
+        if not self._woken:
+            self._woken = True
+            asyncio.get_running_loop().call_soon(self._wake_up)
 
-    def start(self, on_stop_requested):
-        """Begin watching; ``on_stop_requested()`` runs if another process asks for a stop"""
-        self.managed.spawner.observe(self.wake, names=All)
-        self._task = asyncio.ensure_future(self._run(on_stop_requested))
+    def _wake_up(self):
+        self._woken = False
+        self.check()
+
+    def check(self):
+        """Start writing ``get_state()`` if it changed since the last write"""
+        if self._writing is not None and not self._writing.done():
+            self._dirty = True  # writes of one server stay in order
+            return
+        try:
+            state = self._current()
+        except Exception as e:  # a Spawner's get_state() failed: try again next tick
+            self.keepers.log.warning("%s - get_state() failed: %s", self.managed.log_name, e)
+            return
+        if state is None:
+            return
+        self._writing = asyncio.ensure_future(self._write(state))
+
+    def _current(self):
+        """The state to write, or None when it did not change"""
+        state = state_to_save(self.managed.spawner)
+        if state_is_unknown(state) and not self._warned:
+            self._warned = True
+            self.keepers.log.warning(
+                "%s - %s.get_state() returned %s, not a dict: after a restart, "
+                "this server's status cannot be told",
+                self.managed.log_name, type(self.managed.spawner).__name__,
+                state[UNKNOWN_STATE_KEY],
+            )  # fmt: skip
+        if state == self._saved:
+            return None
+        return copy.deepcopy(state)
+
+    async def _write(self, state):
+        try:
+            await self.keepers.db.save_state(self.managed.record.id, state)
+            self._saved = state
+        except Exception as e:
+            self.keepers.log.warning("%s - could not save the state: %s", self.managed.log_name, e)
+        if self._dirty:
+            self._dirty = False
+            self._writing = None
+            self.check()
 
     async def stop(self):
         """Stop watching, after one last save of what changed"""
         self.managed.spawner.unobserve(self.wake, names=All)
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait([self._task])
-            self._task = None
-        await self.save_if_changed()
+        self.keepers.discard(self)
+        while self._writing is not None and not self._writing.done():
+            await asyncio.wait([self._writing])
+        state = self._current()
+        if state is not None:
+            await self.keepers.db.save_state(self.managed.record.id, state)
+            self._saved = state
 
-    async def _run(self, on_stop_requested):
-        checks = 0
-        while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.interval)
-            except asyncio.TimeoutError:
-                pass
-            self._wake.clear()
-            try:
-                await self.save_if_changed()
-                checks += 1
-                if checks % self.stop_check_every == 0 and await self._stop_asked():
-                    self.stop_requested = True
-                    on_stop_requested()
-                    return
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                self.log.warning("%s - could not save the state: %s", self.managed.log_name, e)
 
-    async def save_if_changed(self):
-        """Save ``get_state()`` if it differs from what was saved last"""
-        state = state_to_save(self.managed.spawner)
-        if state_is_unknown(state):
-            if not self._warned:
-                self._warned = True
-                self.log.warning(
-                    "%s - %s.get_state() returned %s, not a dict: after a restart, "
-                    "this server's status cannot be told",
-                    self.managed.log_name, type(self.managed.spawner).__name__,
-                    state[UNKNOWN_STATE_KEY],
-                )  # fmt: skip
-        if state == self._saved:
+class StateKeepers:
+    """The keepers of all starts of one process, on one shared tick.
+
+    Every ``interval`` seconds each starting server's ``get_state()`` is
+    compared with what was saved (a write only when it changed), and every
+    ``stop_check_interval`` seconds one read asks the database which of
+    them another process asked to stop. No task or query per server and tick.
+
+    Parameters:
+        db: the :class:`~jupyterhub_outpost.orm.Database`
+        log: a logger
+    """
+
+    def __init__(self, db, log, interval=0.1, stop_check_interval=1.0):
+        self.db = db
+        self.log = log
+        self.interval = interval
+        self.stop_check_interval = stop_check_interval
+        self._keepers = set()
+        self._ticker = None
+
+    def add(self, managed, on_stop_requested):
+        """Keep ``managed``'s state saved while it starts; return its keeper"""
+        keeper = StateKeeper(self, managed, on_stop_requested)
+        managed.spawner.observe(keeper.wake, names=All)
+        self._keepers.add(keeper)
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.ensure_future(self._tick())
+        keeper.wake()
+        return keeper
+
+    def discard(self, keeper):
+        self._keepers.discard(keeper)
+
+    async def _tick(self):
+        last_stop_check = time.monotonic()
+        while self._keepers:
+            await asyncio.sleep(self.interval)
+            for keeper in list(self._keepers):
+                keeper.check()
+            if time.monotonic() - last_stop_check >= self.stop_check_interval:
+                last_stop_check = time.monotonic()
+                await self._check_stops()
+
+    async def _check_stops(self):
+        keepers = {k.managed.record.id: k for k in self._keepers}
+        if not keepers:
             return
-        state = copy.deepcopy(state)
-        await self.db.save_state(self.managed.record.id, state)
-        self._saved = state
-
-    async def _stop_asked(self):
-        record = self.managed.record
-        found = await self.db.server_status(*record.key)
-        return found is None or found[2]
+        try:
+            asked = await self.db.stop_requested(keepers)
+        except Exception as e:
+            self.log.warning("Could not read stop requests: %s", e)
+            return
+        for server_id in asked:
+            keeper = keepers[server_id]
+            if keeper in self._keepers:
+                self._keepers.discard(keeper)
+                keeper.on_stop_requested()
