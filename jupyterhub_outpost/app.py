@@ -658,6 +658,112 @@ class JupyterHubOutpost(Application):
         ``{minutes}`` (15), ``{end_date}`` and ``{flavor}`` are filled in.""",
     ).tag(config=True)
 
+    # tunnels
+
+    ssh_recreate_at_start = Union(
+        [Bool(), Callable()],
+        help="""Whether the hubs are asked to rebuild their SSH port forwards
+        after this Outpost starts.
+
+        A restart ends the SSH connections through which hubs reach their
+        servers. With this on, once after each start, the Outpost POSTs
+        ``{"service": "<start answer>"}`` for every running server to that
+        server's ``JUPYTERHUB_SETUPTUNNEL_URL`` (with the server's API token),
+        and the hub rebuilds the forward (see ``ssh_recreate_forward`` for
+        hubs that rebuild them all with one call). This runs in the
+        background, in the process that holds the background-work lease, the
+        first time it holds it after its start: right away, or once the lease
+        of a process that died has expired (``lease_ttl``).
+
+        True, False, or a callable ``ssh_recreate_at_start(hub_name)`` (may be
+        async) returning whether to do it for that hub. Default: True when the
+        Outpost's own SSH endpoint is enabled, else False (with a separate
+        sshd, or without tunnels, a restart of the Outpost breaks no
+        forward)::
+
+            def ssh_recreate_at_start(hub_name):
+                return hub_name != "hub-with-direct-access"
+
+            c.JupyterHubOutpost.ssh_recreate_at_start = ssh_recreate_at_start
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    @default("ssh_recreate_at_start")
+    def _ssh_recreate_at_start_default(self):
+        from .tunnels import endpoint_enabled
+
+        return endpoint_enabled(self)
+
+    ssh_recreate_forward = Dict(
+        help="""Per hub: rebuild all its forwards with one call instead of one
+        per server.
+
+        For each hub name: ``url`` (the hub's API, ``https://hub/hub/api``),
+        ``token`` (an API token with the scope ``custom:sshnode:restart``) and
+        ``system`` (the name the hub's OutpostSpawner gives this Outpost in
+        ``user_options["system"]``). After a start the Outpost then sends
+        ``GET {url}/recreateforward/{system}`` to that hub (which answers 202
+        and rebuilds them in the background) instead of the setuptunnel
+        POSTs::
+
+            c.JupyterHubOutpost.ssh_recreate_forward = {
+                "hub-a": {"url": "https://hub-a.example.org/hub/api",
+                          "token": os.environ["HUB_A_RECREATE_TOKEN"],
+                          "system": "cluster-1"},
+            }
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    @validate("ssh_recreate_forward")
+    def _validate_ssh_recreate_forward(self, proposal):
+        for hub, settings in proposal.value.items():
+            if not isinstance(settings, dict) or not settings.get("url") or not settings.get("token"):
+                raise ValueError(f"ssh_recreate_forward[{hub!r}] needs a url and a token")
+        return proposal.value
+
+    ssh_recreate_retries = Integer(
+        5,
+        help="""How many times a request to rebuild a tunnel is retried when the
+        hub does not answer or answers 429, 502, 503 or 504. Other error
+        answers (the hub does not know the server, or could not build the
+        forward) are not retried. Default: 5.
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    ssh_recreate_backoff = Float(
+        2,
+        help="""Seconds to wait before the first retry of a tunnel request;
+        the wait doubles with each retry (at most 60 s, plus up to a quarter
+        at random). Default: 2.
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    ssh_recreate_timeout = Float(
+        30,
+        help="""Seconds one tunnel request may take, until the hub answers (it
+        runs its ssh commands before it does). Default: 30.
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    ssh_recreate_concurrency = Integer(
+        4,
+        help="""How many tunnel requests are in flight at once, over all hubs.
+        Default: 4.
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
     hub_housekeeping = Dict(
         help="""Per hub: periodically stop servers the hub no longer knows.
 

@@ -1,5 +1,6 @@
 """Background work that one process does for all: runtime limits,
-housekeeping against the hubs, and finishing interrupted starts and stops.
+housekeeping against the hubs, rebuilding the hubs' SSH tunnels after a
+start, and finishing interrupted starts and stops.
 
 Several Outpost processes may share one database. A lease in the database
 (not a file) decides which of them does this work; when that process dies,
@@ -14,6 +15,7 @@ from traitlets.config import LoggingConfigurable
 
 from .liveness import process_identity
 from .orm import PROCESS_LEASE_PREFIX
+from .tunnels import TunnelRecreation
 from .utils import as_utc, utcnow
 
 LEASE = "background"
@@ -38,6 +40,9 @@ class BackgroundWork(LoggingConfigurable):
         self._last_housekeeping = {}
         self._task = None
         self._renewer = None
+        # tunnels are rebuilt once, the first time this process holds the lease
+        self._tunnels_rebuilt = False
+        self._tunnels = None
 
     @property
     def process_lease(self):
@@ -52,7 +57,7 @@ class BackgroundWork(LoggingConfigurable):
         self._renewer = asyncio.create_task(self._renew_process_lease())
 
     async def stop(self):
-        for task in (self._task, self._renewer):
+        for task in (self._task, self._renewer, self._tunnels):
             if task is not None:
                 task.cancel()
                 await asyncio.wait([task])
@@ -105,12 +110,35 @@ class BackgroundWork(LoggingConfigurable):
             self.holds_lease = held
         if not held:
             return
+        self.rebuild_tunnels()
         await self.app.db.forget_old_processes(utcnow() - FORGET_PROCESSES_AFTER)
         # renewed between the parts, so that a long round keeps the lease
         if await self.renew():
             await self.enforce_runtimes()
         if await self.renew():
             await self.housekeeping()
+
+    def rebuild_tunnels(self):
+        """Once per process start: ask the hubs to rebuild their SSH tunnels.
+
+        Runs the first time this process holds the lease (at once after a
+        start, or once the lease of a process that died has expired), in a
+        task of its own: retries towards a slow hub never delay the rounds.
+        """
+        if self._tunnels_rebuilt:
+            return
+        self._tunnels_rebuilt = True
+        if self.app.ssh_recreate_at_start is False:
+            return
+        self._tunnels = asyncio.create_task(self._rebuild_tunnels())
+
+    async def _rebuild_tunnels(self):
+        try:
+            await TunnelRecreation(self.app).run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.log.exception("Rebuilding the hubs' tunnels failed")
 
     async def renew(self):
         """Renew the lease; False (and stop this round) if another process took it"""

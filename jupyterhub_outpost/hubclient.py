@@ -1,4 +1,5 @@
-"""Calls from the Outpost to a hub's API: progress events, flavor usage.
+"""Calls from the Outpost to a hub's API: progress events, flavor usage,
+rebuilding SSH port forwards.
 
 Every call has a timeout; failures are logged (without the token) and never
 break the start or stop they belong to.
@@ -6,12 +7,22 @@ break the start or stop they belong to.
 
 import asyncio
 import json
+import random
 
+from tornado.escape import url_escape
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from traitlets import Float, Integer
 from traitlets.config import LoggingConfigurable
 
 from .log import scrub_url
+
+# answers after which a tunnel request is tried again: no answer (599), a
+# hub that is overloaded or restarting; any other 4xx is final (the hub
+# refused: unknown server, token without scope, forward failed)
+RETRY_STATUS = {429, 502, 503, 504, 599}
+
+# the longest wait between two tries of a tunnel request, in seconds
+MAX_BACKOFF = 60
 
 
 class HubClient(LoggingConfigurable):
@@ -58,6 +69,88 @@ class HubClient(LoggingConfigurable):
             )
             return False
         return True
+
+    async def _fetch_status(self, request, what, log_name):
+        """Send ``request``; its HTTP status, 599 when no answer came"""
+        try:
+            response = await self.client.fetch(request)
+        except HTTPClientError as e:
+            return e.code
+        except Exception as e:
+            self.log.debug("%s - %s to %s: %s", log_name, what, scrub_url(request.url), e)
+            return 599
+        return response.code
+
+    async def _with_retries(self, make_request, what, log_name, retries, backoff):
+        """Send a tunnel request until it is answered, retrying with backoff.
+
+        Waits ``backoff`` seconds after the first failure, doubling after
+        each (at most ``MAX_BACKOFF``, plus up to a quarter at random so
+        that many servers do not retry at the same moment). Returns
+        ``(status, tries)``; only ``RETRY_STATUS`` answers are retried.
+        """
+        tries = 0
+        while True:
+            request = make_request()
+            tries += 1
+            status = await self._fetch_status(request, what, log_name)
+            if status < 300 or status not in RETRY_STATUS or tries > retries:
+                return status, tries
+            wait = min(backoff * 2 ** (tries - 1), MAX_BACKOFF)
+            wait *= 1 + random.random() / 4
+            self.log.warning(
+                "%s - %s to %s failed (%s); try %i of %i in %.1fs",
+                log_name, what, scrub_url(request.url), status, tries + 1, retries + 1, wait,
+            )  # fmt: skip
+            await asyncio.sleep(wait)
+
+    async def setup_tunnel(self, env, service, log_name="", retries=0, backoff=1, timeout=None):
+        """POST ``{"service": service}`` to ``JUPYTERHUB_SETUPTUNNEL_URL`` of a server.
+
+        The hub rebuilds the server's SSH port forward and answers 204.
+        Returns ``(status, tries)``; status 0 when the server's environment
+        has no such URL or token.
+        """
+        url = env.get("JUPYTERHUB_SETUPTUNNEL_URL")
+        token = env.get("JUPYTERHUB_API_TOKEN")
+        if not url or not token:
+            return 0, 0
+        timeout = timeout or self.request_timeout
+
+        def make_request():
+            return HTTPRequest(
+                url,
+                method="POST",
+                headers={
+                    "Authorization": f"token {token}",
+                    "Content-Type": "application/json",
+                    "Accept": "application/json",
+                },
+                body=json.dumps({"service": service}),
+                connect_timeout=min(timeout, self.request_timeout),
+                request_timeout=timeout,
+            )
+
+        return await self._with_retries(make_request, "setuptunnel", log_name, retries, backoff)
+
+    async def recreate_forward(self, api_url, token, system, log_name="", retries=0, backoff=1,
+                               timeout=None):  # fmt: skip
+        """``GET {api_url}/recreateforward/{system}``: the hub rebuilds every
+        forward to ``system`` (the OutpostSpawner's hub answers 202 and works
+        on in the background; its token needs the scope
+        ``custom:sshnode:restart``). Returns ``(status, tries)``."""
+        url = f"{api_url.rstrip('/')}/recreateforward/{url_escape(system, plus=False)}"
+        timeout = timeout or self.request_timeout
+
+        def make_request():
+            return HTTPRequest(
+                url,
+                headers={"Authorization": f"token {token}", "Accept": "application/json"},
+                connect_timeout=min(timeout, self.request_timeout),
+                request_timeout=timeout,
+            )
+
+        return await self._with_retries(make_request, "recreateforward", log_name, retries, backoff)
 
     async def send_event(self, env, event, log_name=""):
         """POST one progress event to ``JUPYTERHUB_EVENTS_URL`` of a server"""

@@ -28,18 +28,30 @@ class _RecordingHandler(web.RequestHandler):
     def check_xsrf_cookie(self):
         pass
 
-    def post(self, *args):
+    async def post(self, *args):
+        await self.answer(json.loads(self.request.body or b"{}"), 204)
+
+    async def get(self, *args):
+        # GET /recreateforward/{system}: the hub rebuilds forwards in the background
+        await self.answer(None, 202)
+
+    async def answer(self, body, status):
+        self.fake.arrivals.append((self.kind, self.request.path, time.monotonic()))
+        delay = self.fake.delays.get(self.kind, 0)
+        if delay:
+            await asyncio.sleep(delay)
         auth = self.request.headers.get("Authorization", "")
         token = auth[len("token ") :] if auth.startswith("token ") else None
         if token not in self.fake.tokens:
             self.set_status(403)
             self.fake.rejected.append((self.kind, self.request.path))
             return
-        body = json.loads(self.request.body or b"{}")
-        self.fake.received.append(
-            {"kind": self.kind, "path": self.request.path, "token": token, "body": body}
-        )
-        self.set_status(204)
+        status = self.fake.status_for(self.kind, self.request.path, status)
+        self.fake.received.append({
+            "kind": self.kind, "path": self.request.path, "token": token, "body": body,
+            "status": status, "time": time.monotonic(),
+        })  # fmt: skip
+        self.set_status(status)
 
 
 class _ServerListHandler(web.RequestHandler):
@@ -80,10 +92,15 @@ class FakeHubAPI:
     """Stand-in for the hub endpoints the Outpost calls.
 
     ``url`` is the hub API root (like ``JUPYTERHUB_API_URL``); ``received``
-    lists every accepted call with its kind (``event`` or ``flavors``), and
-    every request for the server list (kind ``servers``). The server list
-    answers ``server_list`` to the tokens in ``list_tokens``, or fails with
-    ``list_status`` when that is not 200.
+    lists every accepted call with its kind (``event``, ``flavors``,
+    ``setuptunnel``, ``recreateforward``), its answer (``status``) and its
+    arrival (``time``, monotonic), and every request for the server list
+    (kind ``servers``). The server list answers ``server_list`` to the
+    tokens in ``list_tokens``, or fails with ``list_status`` when that is
+    not 200. ``failures[kind] = (n, status)`` makes the first ``n`` calls
+    of that kind to each path answer ``status``; ``delays[kind]`` makes
+    every call of that kind wait that many seconds before it is answered;
+    ``arrivals`` lists ``(kind, path, time)`` of every call as it comes in.
     """
 
     def __init__(self):
@@ -93,6 +110,10 @@ class FakeHubAPI:
         self.list_tokens = set()
         self.server_list = []
         self.list_status = 200
+        self.failures = {}
+        self.delays = {}
+        self.arrivals = []
+        self._tries = {}
         self.app = web.Application(
             [
                 (r"/hub/api/?", _VersionHandler),
@@ -100,6 +121,7 @@ class FakeHubAPI:
                 (r"/hub/api/users/progress/events/(.*)", _RecordingHandler, {"fake": self, "kind": "event"}),
                 (r"/hub/api/outpostflavors/(.*)", _RecordingHandler, {"fake": self, "kind": "flavors"}),
                 (r"/hub/api/users/setuptunnel/(.*)", _RecordingHandler, {"fake": self, "kind": "setuptunnel"}),
+                (r"/hub/api/recreateforward/(.*)", _RecordingHandler, {"fake": self, "kind": "recreateforward"}),
             ]
         )
         self.server = None
@@ -118,6 +140,12 @@ class FakeHubAPI:
     @property
     def url(self):
         return f"http://127.0.0.1:{self.port}/hub/api"
+
+    def status_for(self, kind, path, status):
+        """The answer to the next call of ``kind`` to ``path`` (see ``failures``)"""
+        count, failing_status = self.failures.get(kind, (0, status))
+        tries = self._tries[kind, path] = self._tries.get((kind, path), 0) + 1
+        return failing_status if tries <= count else status
 
     def calls(self, kind, user=None, server=None):
         """Recorded calls of one kind, optionally for one user/server path"""
