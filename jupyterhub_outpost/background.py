@@ -13,7 +13,7 @@ from datetime import timedelta
 
 from traitlets.config import LoggingConfigurable
 
-from .liveness import process_identity
+from .liveness import known_gone, process_identity
 from .orm import PROCESS_LEASE_PREFIX
 from .tunnels import TunnelRecreation
 from .utils import as_utc, utcnow
@@ -102,6 +102,8 @@ class BackgroundWork(LoggingConfigurable):
         await manager.drop_forgotten()
         await manager.cleanup_interrupted()
         held = await self.app.db.acquire_lease(LEASE, self.owner, self.app.lease_ttl)
+        if not held:
+            held = await self._take_from_dead_holder()
         if held != self.holds_lease:
             self.log.info(
                 "%s the background work (runtime limits, housekeeping, cleanup)",
@@ -117,6 +119,20 @@ class BackgroundWork(LoggingConfigurable):
             await self.enforce_runtimes()
         if await self.renew():
             await self.housekeeping()
+
+    async def _take_from_dead_holder(self):
+        """Take the lease at once when its holder is known to be gone (a crash
+        and restart on this host), instead of waiting until it expires"""
+        db = self.app.db
+        holder = await db.lease_holder(LEASE)
+        if not holder or holder == self.owner:
+            return False
+        leases = await db.process_leases({holder})
+        if not known_gone(leases.get(holder), utcnow()):
+            return False
+        self.log.info("The process %s that did the background work is gone", holder)
+        await db.release_lease(LEASE, holder)
+        return await db.acquire_lease(LEASE, self.owner, self.app.lease_ttl)
 
     def rebuild_tunnels(self):
         """Once per process start: ask the hubs to rebuild their SSH tunnels.

@@ -752,6 +752,13 @@ class Database:
             return False
         return True
 
+    async def lease_holder(self, name):
+        """The owner of lease ``name`` (expired or not), or None"""
+        return await self._read(self._lease_holder, name)
+
+    def _lease_holder(self, connection, name):
+        return connection.scalar(select(Lease.owner).where(Lease.name == name))
+
     async def release_lease(self, name, owner):
         await self._run(self._release_lease, name, owner)
 

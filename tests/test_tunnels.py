@@ -246,3 +246,17 @@ async def test_start_up_is_not_delayed_by_a_slow_hub(tmp_path, fake_hub, process
     assert max(latencies) < 1.0, latencies
     await wait_until(lambda: len(tunnel_calls(fake_hub, servers)) == len(servers), timeout=60,
                      message="every call answered")  # fmt: skip
+
+
+async def test_after_kill9_the_new_process_takes_the_lease_of_the_dead_one_at_once(
+    tmp_path, fake_hub, processes
+):
+    """The killed process' background lease would last another minute; the
+    restarted process sees that its holder is gone and rebuilds at once"""
+    outpost = make_outpost(processes, tmp_path, ssh_recreate_at_start=True, lease_ttl=120.0)
+    servers = await start_servers(outpost, fake_hub, processes.tokens, users("fast", 3))
+    began = await restart(outpost)
+    await wait_until(lambda: len(tunnel_calls(fake_hub, servers)) == len(servers), timeout=20,
+                     message="a setuptunnel call per running server")  # fmt: skip
+    assert time.monotonic() - began < 20
+    assert "that did the background work is gone" in outpost.log_text()
