@@ -1,0 +1,361 @@
+"""The SSH endpoint with the real OpenSSH client, as the hubs' ForwardBaseSpawner runs it."""
+
+import asyncio
+import hashlib
+import http.client
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from .conftest import outpost_config, start_outpost, stop_outpost
+from .utils import api_request, free_port, json_of, server_answers, start_body, wait_until
+
+pytestmark = pytest.mark.ssh
+
+if shutil.which("ssh") is None or shutil.which("ssh-keygen") is None:
+    if os.environ.get("CI") == "true":
+        pytest.fail("the OpenSSH client (ssh, ssh-keygen) is missing; install openssh-client", pytrace=False)
+    pytest.skip("the OpenSSH client (ssh, ssh-keygen) is not installed", allow_module_level=True)
+
+# A server for the tests to forward to: echoes every connection on the port of
+# the spawner's bind URL. With "detached" it serves from a child process that
+# outlives the server's own process (the pid goes to the file named next),
+# so that only the Outpost can end forwards to it.
+ECHO_SERVER = r"""
+import os, socket, sys, threading, urllib.parse
+port = urllib.parse.urlsplit(os.environ["JUPYTERHUB_SERVICE_URL"]).port
+listener = socket.create_server(("127.0.0.1", port))
+if sys.argv[1] == "detached":
+    pid = os.fork()
+    if pid:
+        with open(sys.argv[2], "w") as f:
+            f.write(str(pid))
+        listener.close()
+        threading.Event().wait()
+    os.setsid()
+def echo(conn):
+    with conn:
+        while True:
+            data = conn.recv(262144)
+            if not data:
+                conn.shutdown(socket.SHUT_WR)
+                return
+            conn.sendall(data)
+while True:
+    conn, _ = listener.accept()
+    threading.Thread(target=echo, args=(conn,), daemon=True).start()
+"""
+
+
+class RecordedLog(logging.Handler):
+    """The lines an in-process Outpost logs, for the tests to read"""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+    def has(self, *parts):
+        return any(all(p in line for p in parts) for line in self.lines)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    """ed25519 key pairs of hub-a, hub-b and a stranger"""
+    directory = tmp_path_factory.mktemp("keys")
+    for name in ("hub-a", "hub-b", "stranger"):
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(directory / name)],
+            check=True,
+        )
+    return directory
+
+
+def ssh_config(workdir, keys, **overrides):
+    settings = dict(
+        enable_ssh=True,
+        ssh_ip="127.0.0.1",
+        ssh_port=0,
+        ssh_authorized_keys={
+            "hub-a": [(keys / "hub-a.pub").read_text()],
+            "hub-b": (keys / "hub-b.pub").read_text(),
+        },
+        ssh_failed_login_delay=0.2,
+        # the forwards of stopped servers close through this process' own stops
+        ssh_sweep_interval=3600,
+    )
+    settings.update(overrides)
+    return outpost_config(workdir, **settings)
+
+
+@pytest.fixture(scope="module")
+async def ssh_app(tmp_path_factory, fake_hub, keys):
+    workdir = tmp_path_factory.mktemp("outpost-ssh")
+    outpost = await start_outpost(ssh_config(workdir, keys))
+    outpost.workdir = workdir
+    outpost.recorded = RecordedLog()
+    outpost.log.addHandler(outpost.recorded)
+    yield outpost
+    outpost.log.removeHandler(outpost.recorded)
+    await stop_outpost(outpost)
+
+
+class HubSSH:
+    """The hub's OpenSSH commands, with the options ForwardBaseSpawner gives them"""
+
+    def __init__(self, app, key, workdir, user="hub-a", extra=()):
+        self.workdir = workdir
+        self.control = workdir / f"control_{user}"
+        self.options = [
+            "-f", "-N", "-n",
+            "-oServerAliveInterval=15",
+            "-oStrictHostKeyChecking=accept-new",
+            "-oControlMaster=auto",
+            "-oControlPersist=yes",
+            f"-oPort={app.ssh_endpoint.bound_port}",
+            f"-oControlPath={self.control}",
+            f"-oIdentityFile={key}",
+            f"-oUserKnownHostsFile={workdir / 'known_hosts'}",
+            *extra,
+        ]  # fmt: skip
+        self.destination = f"{user}@127.0.0.1"
+
+    async def run(self, *args, options=None, command=(), timeout=30):
+        """Exit status and error output of ``ssh OPTIONS ARGS user@127.0.0.1 COMMAND``"""
+        # a file, not a pipe: the master the command leaves behind keeps it open
+        err_path = self.workdir / "ssh-stderr"
+        with open(err_path, "wb") as err:
+            process = await asyncio.create_subprocess_exec(
+                "ssh", *(self.options if options is None else options), *args, self.destination, *command,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+            )  # fmt: skip
+            try:
+                status = await asyncio.wait_for(process.wait(), timeout)
+            except asyncio.TimeoutError:
+                process.kill()
+                await process.wait()
+                raise
+        return status, err_path.read_text()
+
+    async def connect(self):
+        status, err = await self.run()
+        assert status == 0, err
+        status, err = await self.run("-O", "check")
+        assert status == 0, err
+
+    async def forward(self, destination):
+        """A local forward to ``destination`` (host:port); returns its local port"""
+        port = free_port()
+        status, err = await self.run("-O", "forward", f"-L127.0.0.1:{port}:{destination}")
+        assert status == 0, err
+        return port
+
+    async def exit(self):
+        if self.control.exists():
+            await self.run("-O", "exit")
+
+
+@pytest.fixture
+async def hub_ssh(ssh_app, keys, tmp_path):
+    """Makes HubSSH clients; their masters end at teardown"""
+    made = []
+
+    def make(user="hub-a", key=None, **kwargs):
+        client = HubSSH(ssh_app, key or keys / user, tmp_path, user=user, **kwargs)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        await client.exit()
+
+
+async def start_server(app, fake_hub, hub="hub-a", name="echo", cmd=None):
+    """Start a server through the API; return (its address, its start body)"""
+    misc = {"cmd": cmd} if cmd else {}
+    body = start_body(fake_hub.url, user="alice", user_id=7, name=name, misc=misc)
+    response = await api_request(app, "services", method="POST", body=body, hub=hub)
+    assert response.code == 200, response.body
+    return json_of(response)["service"], body
+
+
+async def stop_server(app, body, hub="hub-a"):
+    start_id = body["user_options"]["start_id"]
+    response = await api_request(app, "services", body["name"], start_id, method="DELETE", hub=hub)
+    assert response.code == 200, response.body
+
+
+def echo_cmd(*mode):
+    return [sys.executable, "-c", ECHO_SERVER, *(mode or ["plain"])]
+
+
+def echo_once(port, payload=b"hello", timeout=10):
+    """What the echo server behind a forward answers (b"" when the forward is refused)"""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            try:
+                data = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+    return b"".join(chunks)
+
+
+async def echo_answers(port, payload=b"hello"):
+    return await asyncio.to_thread(echo_once, port, payload)
+
+
+async def wait_echo(port, timeout=20):
+    """Wait until the echo server behind the forward answers"""
+    await wait_until(
+        lambda: echo_answers(port), timeout=timeout, interval=0.2, message="the echo through the forward"
+    )
+
+
+# the hub's exact command sequence
+
+
+async def test_control_master_flow_reaches_singleuser(ssh_app, fake_hub, hub_ssh):
+    body = start_body(fake_hub.url, user="alice", user_id=11, name="tunnelled")
+    fake_hub.tokens.add(body["env"]["JUPYTERHUB_API_TOKEN"])
+    response = await api_request(ssh_app, "services", method="POST", body=body)
+    assert response.code == 200, response.body
+    address = json_of(response)["service"]
+    prefix = body["env"]["JUPYTERHUB_SERVICE_PREFIX"]
+    ssh = hub_ssh()
+
+    status, _ = await ssh.run("-O", "check")
+    assert status != 0  # no master yet
+    await ssh.connect()
+    port = free_port()
+    spec = f"-L0.0.0.0:{port}:{address}"
+    status, err = await ssh.run("-O", "forward", spec)
+    assert status == 0, err
+    await wait_until(
+        lambda: server_answers(f"127.0.0.1:{port}", prefix), timeout=60, interval=0.5,
+        message="jupyterhub-singleuser through the forward",
+    )  # fmt: skip
+    # the client's retry: cancel, then forward again
+    status, err = await ssh.run("-O", "cancel", spec)
+    assert status == 0, err
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    status, err = await ssh.run("-O", "forward", spec)
+    assert status == 0, err
+    assert await server_answers(f"127.0.0.1:{port}", prefix)
+    assert ssh_app.recorded.has("SSH: hub hub-a logged in")
+
+
+# what a hub may not reach
+
+
+async def test_forwards_outside_the_hubs_servers_are_refused(ssh_app, fake_hub, hub_ssh):
+    own, _ = await start_server(ssh_app, fake_hub, name="own", cmd=echo_cmd())
+    other, _ = await start_server(ssh_app, fake_hub, hub="hub-b", name="other", cmd=echo_cmd())
+    stopped, stopped_body = await start_server(ssh_app, fake_hub, name="stopped", cmd=echo_cmd())
+    await stop_server(ssh_app, stopped_body)
+    ssh = hub_ssh()
+    await ssh.connect()
+    await wait_echo(await ssh.forward(own))
+
+    api = f"127.0.0.1:{ssh_app.bound_port}"  # the Outpost's own API
+    for destination in (other, stopped, api, "localhost:" + own.split(":")[1]):
+        assert await echo_answers(await ssh.forward(destination)) == b"", destination
+        host, port = destination.split(":")
+        await wait_until(
+            lambda: ssh_app.recorded.has("refused forward of hub hub-a", f"{host}:{port}"),
+            timeout=10, message=f"the refusal of {destination} in the log",
+        )  # fmt: skip
+
+
+async def test_open_forwards_close_when_the_server_stops(ssh_app, fake_hub, hub_ssh, tmp_path):
+    pid_file = tmp_path / "echo.pid"
+    address, body = await start_server(ssh_app, fake_hub, name="leaving", cmd=echo_cmd("detached", str(pid_file)))
+    try:
+        ssh = hub_ssh()
+        await ssh.connect()
+        port = await ssh.forward(address)
+        await wait_echo(port)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(b"ping")
+        assert await asyncio.to_thread(sock.recv, 4) == b"ping"
+
+        await stop_server(ssh_app, body)
+        # the echo process lives on: the Outpost ends the forward
+        sock.settimeout(10)
+        assert await asyncio.to_thread(sock.recv, 4) == b""
+        sock.close()
+        assert await echo_answers(port) == b""
+    finally:
+        await wait_until(pid_file.exists, timeout=10)
+        os.kill(int(pid_file.read_text()), 9)
+
+
+# what nobody may do
+
+
+async def test_logins_and_requests_other_than_forwarding_are_refused(ssh_app, hub_ssh, keys):
+    batch = ["-oBatchMode=yes", "-oConnectTimeout=10"]
+    plain = HubSSH(ssh_app, keys / "hub-a", hub_ssh().workdir).options[3:]
+    plain = [o for o in plain if "Control" not in o] + batch
+
+    ssh = hub_ssh()
+    password_only = plain + ["-oPubkeyAuthentication=no", "-oPreferredAuthentications=password,keyboard-interactive"]
+    status, err = await ssh.run(command=["true"], options=password_only)
+    assert status == 255 and "Permission denied (publickey)" in err
+
+    stranger = [o for o in plain if "IdentityFile" not in o] + [f"-oIdentityFile={keys / 'stranger'}"]
+    status, err = await ssh.run(command=["true"], options=stranger + ["-oIdentitiesOnly=yes"])
+    assert status == 255 and "Permission denied" in err
+    # hub-b's key does not open hub-a
+    wrong_hub = [o for o in plain if "IdentityFile" not in o] + [f"-oIdentityFile={keys / 'hub-b'}"]
+    status, err = await ssh.run(command=["true"], options=wrong_hub + ["-oIdentitiesOnly=yes"])
+    assert status == 255 and "Permission denied" in err
+    assert ssh_app.recorded.has("login as hub 'hub-a'", "refused", "unknown ssh-ed25519 key")
+
+    # logged in: commands, shells and sftp need a session channel
+    for args, command in (([], ["echo", "hello"]), (["-s"], ["sftp"]), (["-tt"], ["sh"])):
+        status, err = await ssh.run(*args, options=plain, command=command)
+        assert status == 255 and "hello" not in err, args
+    assert ssh_app.recorded.has("refused a 'session' channel for hub hub-a")
+
+    # remote forwarding
+    remote = plain + ["-N", "-oExitOnForwardFailure=yes", f"-R127.0.0.1:{free_port()}:127.0.0.1:22"]
+    status, err = await ssh.run(options=remote)
+    assert status == 255 and "remote port forwarding failed" in err
+    assert ssh_app.recorded.has("refused remote forwarding", "hub hub-a")
+
+
+async def test_host_key_persists_across_restarts(tmp_path, keys, fake_hub):
+    first = await start_outpost(ssh_config(tmp_path, keys))
+    fingerprint = first.ssh_endpoint.host_key.fingerprint
+    port = first.ssh_endpoint.bound_port
+    ssh = HubSSH(first, keys / "hub-a", tmp_path)
+    await ssh.connect()
+    await ssh.exit()
+    await stop_outpost(first)
+    assert os.stat(first.ssh_host_key_file).st_mode & 0o777 == 0o600
+
+    second = await start_outpost(ssh_config(tmp_path, keys, ssh_port=port))
+    try:
+        assert second.ssh_endpoint.host_key.fingerprint == fingerprint
+        # the client that accepted the key then (accept-new) connects again
+        ssh = HubSSH(second, keys / "hub-a", tmp_path)
+        await ssh.connect()
+        await ssh.exit()
+    finally:
+        await stop_outpost(second)
