@@ -965,6 +965,11 @@ class JupyterHubOutpost(Application):
     def init_ssh(self):
         if not self.enable_ssh:
             return
+        # paramiko logs every stranger's failed handshake with a traceback;
+        # the endpoint logs what matters itself
+        paramiko_log = logging.getLogger("paramiko")
+        paramiko_log.parent, paramiko_log.propagate = self.log, True
+        paramiko_log.setLevel(logging.DEBUG if self.log_level <= logging.DEBUG else logging.CRITICAL)
         keys = {}
         for hub in sorted(set(self.ssh_authorized_keys) | set(self.ssh_authorized_keys_files)):
             keys[hub] = self._read_ssh_keys(hub)

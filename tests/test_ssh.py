@@ -15,7 +15,9 @@ import time
 import pytest
 
 from .conftest import outpost_config, start_outpost, stop_outpost
-from .utils import api_request, free_port, json_of, server_answers, start_body, wait_until
+from .utils import (
+    api_request, free_port, json_of, process_config, server_answers, start_body, wait_until,
+)
 
 pytestmark = pytest.mark.ssh
 
@@ -112,7 +114,7 @@ async def ssh_app(tmp_path_factory, fake_hub, keys):
 class HubSSH:
     """The hub's OpenSSH commands, with the options ForwardBaseSpawner gives them"""
 
-    def __init__(self, app, key, workdir, user="hub-a", extra=()):
+    def __init__(self, port, key, workdir, user="hub-a", extra=()):
         self.workdir = workdir
         self.control = workdir / f"control_{user}"
         self.options = [
@@ -121,7 +123,7 @@ class HubSSH:
             "-oStrictHostKeyChecking=accept-new",
             "-oControlMaster=auto",
             "-oControlPersist=yes",
-            f"-oPort={app.ssh_endpoint.bound_port}",
+            f"-oPort={port}",
             f"-oControlPath={self.control}",
             f"-oIdentityFile={key}",
             f"-oUserKnownHostsFile={workdir / 'known_hosts'}",
@@ -170,7 +172,7 @@ async def hub_ssh(ssh_app, keys, tmp_path):
     made = []
 
     def make(user="hub-a", key=None, **kwargs):
-        client = HubSSH(ssh_app, key or keys / user, tmp_path, user=user, **kwargs)
+        client = HubSSH(ssh_app.ssh_endpoint.bound_port, key or keys / user, tmp_path, user=user, **kwargs)
         made.append(client)
         return client
 
@@ -310,7 +312,7 @@ async def test_open_forwards_close_when_the_server_stops(ssh_app, fake_hub, hub_
 
 async def test_logins_and_requests_other_than_forwarding_are_refused(ssh_app, hub_ssh, keys):
     batch = ["-oBatchMode=yes", "-oConnectTimeout=10"]
-    plain = HubSSH(ssh_app, keys / "hub-a", hub_ssh().workdir).options[3:]
+    plain = HubSSH(ssh_app.ssh_endpoint.bound_port, keys / "hub-a", hub_ssh().workdir).options[3:]
     plain = [o for o in plain if "Control" not in o] + batch
 
     ssh = hub_ssh()
@@ -344,7 +346,7 @@ async def test_host_key_persists_across_restarts(tmp_path, keys, fake_hub):
     first = await start_outpost(ssh_config(tmp_path, keys))
     fingerprint = first.ssh_endpoint.host_key.fingerprint
     port = first.ssh_endpoint.bound_port
-    ssh = HubSSH(first, keys / "hub-a", tmp_path)
+    ssh = HubSSH(port, keys / "hub-a", tmp_path)
     await ssh.connect()
     await ssh.exit()
     await stop_outpost(first)
@@ -354,8 +356,180 @@ async def test_host_key_persists_across_restarts(tmp_path, keys, fake_hub):
     try:
         assert second.ssh_endpoint.host_key.fingerprint == fingerprint
         # the client that accepted the key then (accept-new) connects again
-        ssh = HubSSH(second, keys / "hub-a", tmp_path)
+        ssh = HubSSH(port, keys / "hub-a", tmp_path)
         await ssh.connect()
         await ssh.exit()
     finally:
         await stop_outpost(second)
+
+
+# many at once, large, and hostile
+
+
+def echo_transfer(port, size, seed):
+    """Send ``size`` bytes through the forward while reading the echo;
+    return the sha256 of what went and of what came back"""
+    block = hashlib.sha256(seed).digest() * 8192  # 256 KiB
+    sent, received = hashlib.sha256(), hashlib.sha256()
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+
+        def send():
+            left = size
+            while left:
+                chunk = block[: min(left, len(block))]
+                sock.sendall(chunk)
+                sent.update(chunk)
+                left -= len(chunk)
+            sock.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        count = 0
+        while data := sock.recv(262144):
+            received.update(data)
+            count += len(data)
+        sender.join()
+    assert count == size
+    return sent.hexdigest(), received.hexdigest()
+
+
+@pytest.mark.slow
+async def test_fifty_concurrent_forwards_carry_10_mb_each_way(ssh_app, fake_hub, hub_ssh):
+    address, _ = await start_server(ssh_app, fake_hub, name="bulk", cmd=echo_cmd())
+    ssh = hub_ssh()
+    await ssh.connect()
+    port = await ssh.forward(address)
+    await wait_echo(port)
+    size = 10 * 1024 * 1024
+    loop = asyncio.get_running_loop()
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(50) as pool:
+        results = await asyncio.gather(*(
+            loop.run_in_executor(pool, echo_transfer, port, size, str(i).encode()) for i in range(50)
+        ))  # fmt: skip
+    for sent, received in results:
+        assert sent == received
+    assert len({sent for sent, _ in results}) == 50
+    # one forwarding thread for the connection, not one per channel
+    assert ssh_app.ssh_endpoint.thread_count <= 3
+
+
+def process_threads(pid="self"):
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("Threads:")).split()[1])
+
+
+def open_fds(pid="self"):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def ping_latencies(port, stop):
+    """Seconds each ``GET /ping`` took, until ``stop`` is set"""
+    latencies = []
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    while not stop.is_set():
+        began = time.perf_counter()
+        connection.request("GET", "/ping")
+        response = connection.getresponse()
+        response.read()
+        latencies.append(time.perf_counter() - began)
+        assert response.status == 200
+        stop.wait(0.01)
+    connection.close()
+    return latencies
+
+
+def open_strangers(port, count, stop):
+    """``count`` raw connections from 127.0.0.2-127.0.0.101 that send nothing,
+    garbage or a banner and then garbage; held open until ``stop`` is set"""
+    socks = []
+    payloads = [b"", os.urandom(4096), b"SSH-2.0-x\r\n" + os.urandom(70000), b"\xff" * 35000 + b"\r\n"]
+    for i in range(count):
+        sock = socket.socket()
+        sock.settimeout(5)
+        try:
+            sock.bind((f"127.0.0.{2 + i % 100}", 0))
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(payloads[i % len(payloads)])
+        except OSError:
+            pass  # refused or closed by the endpoint: what a stranger should get
+        socks.append(sock)
+    stop.wait(60)
+    for sock in socks:
+        sock.close()
+
+
+async def failed_logins(port, keys, workdir, until):
+    """Logins with a key no hub has, ten at a time, from 127.0.0.2-127.0.0.11,
+    until ``until`` (monotonic); returns the clients' exit statuses"""
+    def login(i):
+        client = HubSSH(port, keys / "stranger", workdir, user=f"hub-{'ab'[i % 2]}")
+        return client.run(command=["true"], timeout=60, options=[
+            f"-oPort={port}", f"-oIdentityFile={keys / 'stranger'}",
+            "-oIdentitiesOnly=yes", "-oBatchMode=yes", "-oStrictHostKeyChecking=no",
+            f"-oUserKnownHostsFile={workdir / 'stranger_hosts'}",
+            f"-oBindAddress=127.0.0.{2 + i}", "-oConnectTimeout=20",
+        ])  # fmt: skip
+
+    statuses = []
+    while time.monotonic() < until:
+        statuses += [status for status, _ in await asyncio.gather(*(login(i) for i in range(10)))]
+    return statuses
+
+
+def ssh_process_config(workdir, keys, ssh_port, **traits):
+    return process_config(
+        workdir, cmd=echo_cmd(), enable_ssh=True, ssh_ip="127.0.0.1", ssh_port=ssh_port,
+        ssh_authorized_keys={h: (keys / f"{h}.pub").read_text() for h in ("hub-a", "hub-b")},
+        ssh_failed_login_delay=0.2, **traits,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+async def test_strangers_do_not_disturb_a_working_forward(processes, fake_hub, keys, tmp_path):
+    ssh_port = free_port()
+    outpost = processes(tmp_path / "outpost", config_text=ssh_process_config(tmp_path / "outpost", keys, ssh_port))
+    outpost.start()
+    pid = outpost.proc.pid
+    address, body = await start_server(outpost, fake_hub, name="steady")
+    processes.tokens.add(body["env"]["JUPYTERHUB_API_TOKEN"])
+    ssh = HubSSH(ssh_port, keys / "hub-a", tmp_path)
+    try:
+        await ssh.connect()
+        port = await ssh.forward(address)
+        await wait_echo(port)
+        threads_before, fds_before = process_threads(pid), open_fds(pid)
+
+        stop = threading.Event()
+        pings = asyncio.ensure_future(asyncio.to_thread(ping_latencies, outpost.port, stop))
+        deadline = time.monotonic() + 8
+        logins = asyncio.ensure_future(failed_logins(ssh_port, keys, tmp_path, deadline))
+        await asyncio.sleep(1)  # the failed logins first, then both at once
+        strangers = asyncio.ensure_future(asyncio.to_thread(open_strangers, ssh_port, 500, stop))
+        try:
+            highest_threads = 0
+            while time.monotonic() < deadline or not logins.done():
+                payload = os.urandom(50000)
+                assert await echo_answers(port, payload) == payload
+                highest_threads = max(highest_threads, process_threads(pid))
+            assert logins.result() and all(status == 255 for status in logins.result())
+        finally:
+            stop.set()
+            latencies = sorted(await pings)
+            await strangers
+        p99 = latencies[int(len(latencies) * 0.99)]
+        assert p99 < 0.05, f"/ping p99 {p99 * 1000:.1f} ms over {len(latencies)} pings"
+        # those not logged in yet have two threads each (paramiko's transport and
+        # its handshake timer), up to the cap of 64 connections
+        assert highest_threads - threads_before <= 2 * 64 + 2
+        log = outpost.log_text()
+        assert "before login: too many connections not logged in" in log
+        assert log.count("unknown ssh-ed25519 key") >= 10
+        assert "login as hub 'hub-b' from 127.0.0." in log
+        # nothing is left behind once the strangers are gone
+        await wait_until(lambda: open_fds(pid) <= fds_before + 2, timeout=40,
+                         message="file descriptors back to where they were")  # fmt: skip
+        assert await echo_answers(port) == b"hello"
+    finally:
+        await ssh.exit()

@@ -233,11 +233,12 @@ class SSHEndpoint:
                     self._logged_in.add(conn)
                 conn.hub = transport.get_username()
                 self.log.info("SSH: hub %s logged in from %s", conn.hub, conn.name)
-            elif transport is None or not transport.is_active():
+            elif transport is None or not transport.is_alive():
+                # its slot is free once its thread has ended
                 self._drop(conn)
-            elif now > conn.deadline or conn.failures >= MAX_AUTH_FAILURES:
-                self.log.info("SSH: closing %s, not logged in after %i s", conn.name, now - conn.deadline + self.app.ssh_login_grace_time)
-                self._drop(conn)
+            elif transport.is_active() and (now > conn.deadline or conn.failures >= MAX_AUTH_FAILURES):
+                self.log.info("SSH: closing %s, which did not log in", conn.name)
+                transport.close()
         for conn in logged_in:
             if not conn.transport.is_active():
                 self.log.info("SSH: hub %s disconnected (%s)", conn.hub, conn.name)
@@ -353,7 +354,8 @@ class SSHEndpoint:
 
     @property
     def thread_count(self):
-        """Threads the endpoint runs now (accepting, transports, forwarding)"""
+        """Threads the endpoint runs now: accepting, transports, forwarding
+        (and, not counted here, paramiko's timer of each handshake under way)"""
         with self._lock:
             conns = list(self._pending | self._logged_in)
         transports = sum(1 for c in conns if c.transport is not None and c.transport.is_alive())
