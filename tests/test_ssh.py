@@ -11,12 +11,13 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from .conftest import outpost_config, start_outpost, stop_outpost
 from .utils import (
-    api_request, free_port, json_of, process_config, server_answers, start_body, wait_until,
+    api_request, basic_auth, free_port, json_of, process_config, server_answers, start_body, wait_until,
 )
 
 pytestmark = pytest.mark.ssh
@@ -31,28 +32,28 @@ if shutil.which("ssh") is None or shutil.which("ssh-keygen") is None:
 # outlives the server's own process (the pid goes to the file named next),
 # so that only the Outpost can end forwards to it.
 ECHO_SERVER = r"""
-import os, socket, sys, threading, urllib.parse
+import asyncio, os, socket, sys, urllib.parse
 port = urllib.parse.urlsplit(os.environ["JUPYTERHUB_SERVICE_URL"]).port
-listener = socket.create_server(("127.0.0.1", port))
+listener = socket.create_server(("127.0.0.1", port), backlog=4096)
 if sys.argv[1] == "detached":
     pid = os.fork()
     if pid:
         with open(sys.argv[2], "w") as f:
             f.write(str(pid))
         listener.close()
-        threading.Event().wait()
+        os.waitpid(pid, 0)
+        sys.exit()
     os.setsid()
-def echo(conn):
-    with conn:
-        while True:
-            data = conn.recv(262144)
-            if not data:
-                conn.shutdown(socket.SHUT_WR)
-                return
-            conn.sendall(data)
-while True:
-    conn, _ = listener.accept()
-    threading.Thread(target=echo, args=(conn,), daemon=True).start()
+async def echo(reader, writer):
+    while data := await reader.read(262144):
+        writer.write(data)
+        await writer.drain()
+    writer.write_eof()
+    writer.close()
+async def main():
+    server = await asyncio.start_server(echo, sock=listener)
+    await server.serve_forever()
+asyncio.run(main())
 """
 
 
@@ -104,11 +105,18 @@ async def ssh_app(tmp_path_factory, fake_hub, keys):
     workdir = tmp_path_factory.mktemp("outpost-ssh")
     outpost = await start_outpost(ssh_config(workdir, keys))
     outpost.workdir = workdir
-    outpost.recorded = RecordedLog()
-    outpost.log.addHandler(outpost.recorded)
     yield outpost
-    outpost.log.removeHandler(outpost.recorded)
     await stop_outpost(outpost)
+
+
+@pytest.fixture
+def recorded(ssh_app):
+    """What ssh_app logs during the test (per test: starting another Outpost
+    configures the shared logger anew)"""
+    handler = RecordedLog()
+    ssh_app.log.addHandler(handler)
+    yield handler
+    ssh_app.log.removeHandler(handler)
 
 
 class HubSSH:
@@ -231,7 +239,7 @@ async def wait_echo(port, timeout=20):
 # the hub's exact command sequence
 
 
-async def test_control_master_flow_reaches_singleuser(ssh_app, fake_hub, hub_ssh):
+async def test_control_master_flow_reaches_singleuser(ssh_app, fake_hub, hub_ssh, recorded):
     body = start_body(fake_hub.url, user="alice", user_id=11, name="tunnelled")
     fake_hub.tokens.add(body["env"]["JUPYTERHUB_API_TOKEN"])
     response = await api_request(ssh_app, "services", method="POST", body=body)
@@ -259,13 +267,13 @@ async def test_control_master_flow_reaches_singleuser(ssh_app, fake_hub, hub_ssh
     status, err = await ssh.run("-O", "forward", spec)
     assert status == 0, err
     assert await server_answers(f"127.0.0.1:{port}", prefix)
-    assert ssh_app.recorded.has("SSH: hub hub-a logged in")
+    await wait_until(lambda: recorded.has("SSH: hub hub-a logged in"), timeout=5, message="the login logged")
 
 
 # what a hub may not reach
 
 
-async def test_forwards_outside_the_hubs_servers_are_refused(ssh_app, fake_hub, hub_ssh):
+async def test_forwards_outside_the_hubs_servers_are_refused(ssh_app, fake_hub, hub_ssh, recorded):
     own, _ = await start_server(ssh_app, fake_hub, name="own", cmd=echo_cmd())
     other, _ = await start_server(ssh_app, fake_hub, hub="hub-b", name="other", cmd=echo_cmd())
     stopped, stopped_body = await start_server(ssh_app, fake_hub, name="stopped", cmd=echo_cmd())
@@ -279,7 +287,7 @@ async def test_forwards_outside_the_hubs_servers_are_refused(ssh_app, fake_hub, 
         assert await echo_answers(await ssh.forward(destination)) == b"", destination
         host, port = destination.split(":")
         await wait_until(
-            lambda: ssh_app.recorded.has("refused forward of hub hub-a", f"{host}:{port}"),
+            lambda: recorded.has("refused forward of hub hub-a", f"{host}:{port}"),
             timeout=10, message=f"the refusal of {destination} in the log",
         )  # fmt: skip
 
@@ -307,10 +315,34 @@ async def test_open_forwards_close_when_the_server_stops(ssh_app, fake_hub, hub_
         os.kill(int(pid_file.read_text()), 9)
 
 
+async def test_forwards_close_when_another_process_stops_the_server(tmp_path, keys, fake_hub):
+    outpost = await start_outpost(ssh_config(tmp_path, keys, ssh_sweep_interval=1))
+    pid_file = tmp_path / "echo.pid"
+    address, body = await start_server(outpost, fake_hub, name="elsewhere", cmd=echo_cmd("detached", str(pid_file)))
+    ssh = HubSSH(outpost.ssh_endpoint.bound_port, keys / "hub-a", tmp_path)
+    try:
+        await ssh.connect()
+        port = await ssh.forward(address)
+        await wait_echo(port)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(b"ping")
+        assert await asyncio.to_thread(sock.recv, 4) == b"ping"
+        # what another Outpost process does when it has stopped a server
+        record = await outpost.db.get_server("hub-a", "elsewhere", body["user_options"]["start_id"])
+        await outpost.db.delete_server(record.id)
+        assert await asyncio.to_thread(sock.recv, 4) == b""
+        sock.close()
+    finally:
+        await ssh.exit()
+        await stop_outpost(outpost)
+        await wait_until(pid_file.exists, timeout=10)
+        os.kill(int(pid_file.read_text()), 9)
+
+
 # what nobody may do
 
 
-async def test_logins_and_requests_other_than_forwarding_are_refused(ssh_app, hub_ssh, keys):
+async def test_logins_and_requests_other_than_forwarding_are_refused(ssh_app, hub_ssh, keys, recorded):
     batch = ["-oBatchMode=yes", "-oConnectTimeout=10"]
     plain = HubSSH(ssh_app.ssh_endpoint.bound_port, keys / "hub-a", hub_ssh().workdir).options[3:]
     plain = [o for o in plain if "Control" not in o] + batch
@@ -327,19 +359,19 @@ async def test_logins_and_requests_other_than_forwarding_are_refused(ssh_app, hu
     wrong_hub = [o for o in plain if "IdentityFile" not in o] + [f"-oIdentityFile={keys / 'hub-b'}"]
     status, err = await ssh.run(command=["true"], options=wrong_hub + ["-oIdentitiesOnly=yes"])
     assert status == 255 and "Permission denied" in err
-    assert ssh_app.recorded.has("login as hub 'hub-a'", "refused", "unknown ssh-ed25519 key")
+    assert recorded.has("login as hub 'hub-a'", "refused", "unknown ssh-ed25519 key")
 
     # logged in: commands, shells and sftp need a session channel
     for args, command in (([], ["echo", "hello"]), (["-s"], ["sftp"]), (["-tt"], ["sh"])):
         status, err = await ssh.run(*args, options=plain, command=command)
         assert status == 255 and "hello" not in err, args
-    assert ssh_app.recorded.has("refused a 'session' channel for hub hub-a")
+    assert recorded.has("refused a 'session' channel for hub hub-a")
 
     # remote forwarding
     remote = plain + ["-N", "-oExitOnForwardFailure=yes", f"-R127.0.0.1:{free_port()}:127.0.0.1:22"]
     status, err = await ssh.run(options=remote)
     assert status == 255 and "remote port forwarding failed" in err
-    assert ssh_app.recorded.has("refused remote forwarding", "hub hub-a")
+    assert recorded.has("refused remote forwarding", "hub hub-a")
 
 
 async def test_host_key_persists_across_restarts(tmp_path, keys, fake_hub):
@@ -402,8 +434,6 @@ async def test_fifty_concurrent_forwards_carry_10_mb_each_way(ssh_app, fake_hub,
     await wait_echo(port)
     size = 10 * 1024 * 1024
     loop = asyncio.get_running_loop()
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(50) as pool:
         results = await asyncio.gather(*(
             loop.run_in_executor(pool, echo_transfer, port, size, str(i).encode()) for i in range(50)
@@ -533,3 +563,79 @@ async def test_strangers_do_not_disturb_a_working_forward(processes, fake_hub, k
         assert await echo_answers(port) == b"hello"
     finally:
         await ssh.exit()
+
+
+def hold_channels(port, count):
+    """``count`` open connections through the forward, each echoed once"""
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.sendall(b"x")
+        assert sock.recv(1) == b"x"
+        socks.append(sock)
+    return socks
+
+
+def poll_latencies(port, path, hub, stop):
+    """Seconds each poll of the hub's server took, until ``stop`` is set"""
+    latencies = []
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    headers = {"Authorization": basic_auth(hub), "Accept": "application/json"}
+    while not stop.is_set():
+        began = time.perf_counter()
+        connection.request("GET", path, headers=headers)
+        response = connection.getresponse()
+        response.read()
+        latencies.append(time.perf_counter() - began)
+        assert response.status == 200
+        stop.wait(0.01)
+    connection.close()
+    return latencies
+
+
+async def poll_p99(port, path, seconds=3):
+    stop = threading.Event()
+    polls = asyncio.ensure_future(asyncio.to_thread(poll_latencies, port, path, "hub-a", stop))
+    await asyncio.sleep(seconds)
+    stop.set()
+    latencies = sorted(await polls)
+    return latencies[int(len(latencies) * 0.99)]
+
+
+@pytest.mark.slow
+async def test_2000_channels_over_20_connections_keep_threads_and_polls_bounded(
+    processes, fake_hub, keys, tmp_path
+):
+    ssh_port = free_port()
+    workdir = tmp_path / "outpost"
+    outpost = processes(workdir, config_text=ssh_process_config(workdir, keys, ssh_port))
+    outpost.start()
+    pid = outpost.proc.pid
+    address, body = await start_server(outpost, fake_hub, name="many")
+    processes.tokens.add(body["env"]["JUPYTERHUB_API_TOKEN"])
+    poll_path = f"/services/many/{body['user_options']['start_id']}"
+    idle_p99 = await poll_p99(outpost.port, poll_path)
+    threads_before = process_threads(pid)
+    clients = [HubSSH(ssh_port, keys / "hub-a", tmp_path / f"c{i}") for i in range(20)]
+    held = []
+    try:
+        for client in clients:
+            client.workdir.mkdir()
+            await client.connect()
+        ports = [await client.forward(address) for client in clients]
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(20) as pool:
+            for socks in await asyncio.gather(*(loop.run_in_executor(pool, hold_channels, p, 100) for p in ports)):
+                held += socks
+        threads = process_threads(pid)
+        p99 = await poll_p99(outpost.port, poll_path)
+        print(f"2000 channels: threads {threads_before} -> {threads}, poll p99 idle {idle_p99 * 1000:.1f} ms, with channels {p99 * 1000:.1f} ms")
+        # a transport and a forwarding thread per connection, none per channel
+        assert len(held) == 2000
+        assert threads - threads_before <= 2 * 20 + 4
+        assert p99 < max(2 * idle_p99, 0.05)
+    finally:
+        for sock in held:
+            sock.close()
+        for client in clients:
+            await client.exit()
