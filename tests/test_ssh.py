@@ -1,6 +1,7 @@
 """The SSH endpoint with the real OpenSSH client, as the hubs' ForwardBaseSpawner runs it."""
 
 import asyncio
+import collections
 import hashlib
 import http.client
 import logging
@@ -13,6 +14,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import paramiko
 import pytest
 
 from .conftest import outpost_config, start_outpost, stop_outpost
@@ -374,6 +376,23 @@ async def test_logins_and_requests_other_than_forwarding_are_refused(ssh_app, hu
     assert recorded.has("refused remote forwarding", "hub hub-a")
 
 
+async def test_only_modern_algorithms_are_negotiated(ssh_app, hub_ssh):
+    ssh = hub_ssh()
+    options = [o for o in ssh.options if "Control" not in o and o not in ("-f", "-n")] + ["-oBatchMode=yes"]
+    # a login that ends at once: a remote forward is refused
+    status, err = await ssh.run(
+        "-vvv", "-oExitOnForwardFailure=yes", f"-R127.0.0.1:{free_port()}:127.0.0.1:1", options=options
+    )
+    assert "kex: algorithm: curve25519-sha256" in err or "kex: algorithm: mlkem768x25519" in err, err
+    assert "kex: host key algorithm: ssh-ed25519" in err
+    assert "cipher: aes128-gcm@openssh.com" in err
+    assert "will use strict KEX ordering" in err
+    for old in ("-oCiphers=aes128-ctr", "-oKexAlgorithms=diffie-hellman-group14-sha256",
+                "-oHostKeyAlgorithms=rsa-sha2-256,ecdsa-sha2-nistp256"):
+        status, err = await ssh.run(old, options=options)
+        assert status == 255 and "no matching" in err, (old, err)
+
+
 async def test_host_key_persists_across_restarts(tmp_path, keys, fake_hub):
     first = await start_outpost(ssh_config(tmp_path, keys))
     fingerprint = first.ssh_endpoint.host_key.fingerprint
@@ -393,6 +412,67 @@ async def test_host_key_persists_across_restarts(tmp_path, keys, fake_hub):
         await ssh.exit()
     finally:
         await stop_outpost(second)
+
+
+def channel_floods(port, key, destination, limit):
+    """With paramiko as the client: unknown channel types, refused
+    destinations and more forwards than allowed, over one connection.
+    Returns the refusal codes per kind of channel."""
+    client = paramiko.Transport(("127.0.0.1", port))
+    codes = collections.defaultdict(set)
+    try:
+        client.start_client(timeout=10)
+        client.auth_publickey("hub-a", paramiko.Ed25519Key(filename=str(key)))
+        for kind in ("session", "x11", "auth-agent@openssh.com", "tun@openssh.com", "nonsense") * 20:
+            try:
+                client.open_channel(kind, src_addr=("127.0.0.1", 1), timeout=10)
+            except paramiko.ChannelException as e:
+                codes[kind].add(e.code)
+        for _ in range(300):
+            try:
+                client.open_channel("direct-tcpip", ("127.0.0.1", 1), ("127.0.0.1", 0), timeout=10)
+            except paramiko.ChannelException as e:
+                codes["elsewhere"].add(e.code)
+        host, port = destination.split(":")
+        open_ = [client.open_channel("direct-tcpip", (host, int(port)), ("127.0.0.1", 0)) for _ in range(limit)]
+        try:
+            client.open_channel("direct-tcpip", (host, int(port)), ("127.0.0.1", 0), timeout=10)
+        except paramiko.ChannelException as e:
+            codes["beyond the limit"].add(e.code)
+        # those open still carry data
+        for chan in open_:
+            chan.sendall(b"abc")
+        assert all(chan.recv(3) == b"abc" for chan in open_)
+    finally:
+        client.close()
+    return codes
+
+
+async def test_channel_floods_are_refused_and_leave_nothing_behind(tmp_path, keys, fake_hub):
+    outpost = await start_outpost(ssh_config(tmp_path, keys, ssh_max_channels_per_connection=20))
+    try:
+        address, _ = await start_server(outpost, fake_hub, name="flooded", cmd=echo_cmd())
+        await wait_until(lambda: asyncio.to_thread(_listens, address), timeout=20, message="the echo server")
+        fds_before = open_fds()
+        port = outpost.ssh_endpoint.bound_port
+        codes = await asyncio.to_thread(channel_floods, port, keys / "hub-a", address, 20)
+        prohibited = {paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED}
+        for kind in ("session", "x11", "auth-agent@openssh.com", "tun@openssh.com", "nonsense", "elsewhere"):
+            assert codes[kind] == prohibited, kind
+        assert codes["beyond the limit"] == {paramiko.OPEN_FAILED_RESOURCE_SHORTAGE}
+        await wait_until(lambda: outpost.ssh_endpoint.thread_count == 1, timeout=10, message="threads ended")
+        await wait_until(lambda: open_fds() <= fds_before + 2, timeout=10, message="fds closed")
+    finally:
+        await stop_outpost(outpost)
+
+
+def _listens(address):
+    host, port = address.split(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except OSError:
+        return False
+    return True
 
 
 # many at once, large, and hostile

@@ -197,8 +197,9 @@ class SSHEndpoint:
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport = paramiko.Transport(conn.sock)
         options = transport.get_security_options()
+        # the modern ones this paramiko has (ML-KEM needs a recent cryptography)
         options.kex = [k for k in KEX if k in options.kex]
-        options.ciphers = CIPHERS
+        options.ciphers = [c for c in CIPHERS if c in options.ciphers]
         options.digests = MACS
         options.key_types = HOST_KEY_TYPES
         options.compression = ("none",)
