@@ -272,6 +272,15 @@ async def test_control_master_flow_reaches_singleuser(ssh_app, fake_hub, hub_ssh
     await wait_until(lambda: recorded.has("SSH: hub hub-a logged in"), timeout=5, message="the login logged")
 
 
+async def test_keepalives_are_answered(ssh_app, hub_ssh):
+    # the client gives up after one unanswered keepalive (one second)
+    ssh = hub_ssh(extra=["-oServerAliveInterval=1", "-oServerAliveCountMax=1"])
+    await ssh.connect()
+    await asyncio.sleep(3.5)  # three keepalives: the time is what this test is about
+    status, err = await ssh.run("-O", "check")
+    assert status == 0, err
+
+
 # what a hub may not reach
 
 
@@ -296,7 +305,8 @@ async def test_forwards_outside_the_hubs_servers_are_refused(ssh_app, fake_hub, 
 
 async def test_open_forwards_close_when_the_server_stops(ssh_app, fake_hub, hub_ssh, tmp_path):
     pid_file = tmp_path / "echo.pid"
-    address, body = await start_server(ssh_app, fake_hub, name="leaving", cmd=echo_cmd("detached", str(pid_file)))
+    detached = echo_cmd("detached", str(pid_file))
+    address, body = await start_server(ssh_app, fake_hub, name="leaving", cmd=detached)
     try:
         ssh = hub_ssh()
         await ssh.connect()
@@ -320,7 +330,8 @@ async def test_open_forwards_close_when_the_server_stops(ssh_app, fake_hub, hub_
 async def test_forwards_close_when_another_process_stops_the_server(tmp_path, keys, fake_hub):
     outpost = await start_outpost(ssh_config(tmp_path, keys, ssh_sweep_interval=1))
     pid_file = tmp_path / "echo.pid"
-    address, body = await start_server(outpost, fake_hub, name="elsewhere", cmd=echo_cmd("detached", str(pid_file)))
+    detached = echo_cmd("detached", str(pid_file))
+    address, body = await start_server(outpost, fake_hub, name="elsewhere", cmd=detached)
     ssh = HubSSH(outpost.ssh_endpoint.bound_port, keys / "hub-a", tmp_path)
     try:
         await ssh.connect()
@@ -719,3 +730,46 @@ async def test_2000_channels_over_20_connections_keep_threads_and_polls_bounded(
             sock.close()
         for client in clients:
             await client.exit()
+
+
+def bulk_echo(port, size, stop):
+    """Echo transfers of ``size`` bytes through the forward until ``stop`` is set"""
+    count = 0
+    while not stop.is_set():
+        sent, received = echo_transfer(port, size, b"bulk")
+        assert sent == received
+        count += 1
+    return count
+
+
+@pytest.mark.slow
+async def test_polls_stay_fast_during_a_bulk_transfer(processes, fake_hub, keys, tmp_path):
+    ssh_port = free_port()
+    workdir = tmp_path / "outpost"
+    outpost = processes(workdir, config_text=ssh_process_config(workdir, keys, ssh_port))
+    outpost.start()
+    address, body = await start_server(outpost, fake_hub, name="bulk")
+    processes.tokens.add(body["env"]["JUPYTERHUB_API_TOKEN"])
+    poll_path = f"/services/bulk/{body['user_options']['start_id']}"
+    idle_p99 = await poll_p99(outpost.port, poll_path, seconds=4)
+    ssh = HubSSH(ssh_port, keys / "hub-a", tmp_path)
+    try:
+        await ssh.connect()
+        port = await ssh.forward(address)
+        await wait_echo(port)
+        stop = threading.Event()
+        transfers = [asyncio.ensure_future(asyncio.to_thread(bulk_echo, port, 50 * 1024 * 1024, stop))]
+        try:
+            await asyncio.sleep(1)
+            busy_p99 = await poll_p99(outpost.port, poll_path, seconds=4)
+        finally:
+            stop.set()
+            done = await asyncio.gather(*transfers)
+        print(f"poll p99 idle {idle_p99 * 1000:.1f} ms, during bulk transfer {busy_p99 * 1000:.1f} ms")
+        assert all(done)
+        # the forwarding threads share the interpreter with the event loop, and
+        # the test machine's two CPUs with the client's encryption: bounded as
+        # /ping is under attack
+        assert busy_p99 < 0.05
+    finally:
+        await ssh.exit()

@@ -286,7 +286,9 @@ class SSHEndpoint:
         host, port = normal_host(destination[0]), destination[1]
         session = self._session_of(conn, hub)
         if session.open_count >= self.app.ssh_max_channels_per_connection:
-            self.log.warning("SSH: hub %s has %i forwards open on %s; refusing more", hub, session.open_count, conn.name)
+            self.log.warning(
+                "SSH: hub %s has %i forwards open on %s; refusing more", hub, session.open_count, conn.name
+            )
             return paramiko.OPEN_FAILED_RESOURCE_SHORTAGE
         try:
             future = asyncio.run_coroutine_threadsafe(self._server_at(hub, host, port), self.loop)
@@ -295,7 +297,9 @@ class SSHEndpoint:
             self.log.error("SSH: cannot check the forward of hub %s to %s:%s: %r", hub, host, port, e)
             return paramiko.OPEN_FAILED_CONNECT_FAILED
         if server_key is None:
-            self.log.warning("SSH: refused forward of hub %s to %s:%s: not one of its running servers", hub, host, port)
+            self.log.warning(
+                "SSH: refused forward of hub %s to %s:%s: not one of its running servers", hub, host, port
+            )
             return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
         try:
             sock = socket.create_connection((host, port), timeout=self.app.ssh_connect_timeout)
