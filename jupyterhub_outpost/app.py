@@ -13,8 +13,6 @@ import uuid
 
 import yaml
 
-from paramiko import SSHException
-
 from jupyterhub.spawner import Spawner
 from jupyterhub.traitlets import EntryPointType
 from tornado import web
@@ -45,7 +43,6 @@ from .hubclient import HubClient
 from .log import install_scrubber, log_request, secrets
 from .policy import DEFAULT_OVERRIDES, OutpostPolicy, is_valid_hub_name
 from .servers import ServerManager
-from .ssh import SSHEndpoint, parse_authorized_keys
 from .utils import url_path_join
 
 HUB_CREDENTIALS_ENV = "OUTPOST_HUB_CREDENTIALS"
@@ -965,6 +962,11 @@ class JupyterHubOutpost(Application):
     def init_ssh(self):
         if not self.enable_ssh:
             return
+        # paramiko is loaded only where the endpoint runs
+        from paramiko import SSHException
+
+        from .ssh import SSHEndpoint
+
         # paramiko logs every stranger's failed handshake with a traceback;
         # the endpoint logs what matters itself
         paramiko_log = logging.getLogger("paramiko")
@@ -988,6 +990,8 @@ class JupyterHubOutpost(Application):
 
     def _read_ssh_keys(self, hub):
         """The key blobs of one hub, from the config and its file"""
+        from .ssh import parse_authorized_keys
+
         value = self.ssh_authorized_keys.get(hub, "")
         texts = [value] if isinstance(value, str) else list(value)
         sources = ["ssh_authorized_keys"] * len(texts)
