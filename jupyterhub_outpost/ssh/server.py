@@ -258,6 +258,9 @@ class SSHEndpoint:
             conn.session.stop()
         if conn.transport is not None:
             conn.transport.close()
+            # paramiko's handshake timer would otherwise keep its thread until
+            # it expires, long after a stranger's connection ended
+            conn.transport.packetizer.complete_handshake()
         else:
             conn.sock.close()
 
