@@ -95,6 +95,7 @@ def ssh_config(workdir, keys, **overrides):
             "hub-b": (keys / "hub-b.pub").read_text(),
         },
         ssh_failed_login_delay=0.2,
+        ssh_host_key_file=str(workdir / "ssh_host_key"),
         # the forwards of stopped servers close through this process' own stops
         ssh_sweep_interval=3600,
     )
@@ -603,7 +604,7 @@ def ssh_process_config(workdir, keys, ssh_port, **traits):
     return process_config(
         workdir, cmd=echo_cmd(), enable_ssh=True, ssh_ip="127.0.0.1", ssh_port=ssh_port,
         ssh_authorized_keys={h: (keys / f"{h}.pub").read_text() for h in ("hub-a", "hub-b")},
-        ssh_failed_login_delay=0.2, **traits,
+        ssh_failed_login_delay=0.2, ssh_host_key_file=str(workdir / "ssh_host_key"), **traits,
     )  # fmt: skip
 
 
