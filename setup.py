@@ -50,6 +50,7 @@ setup(
         "alembic>=1.10",
         "cryptography>=41",
         "pyyaml",
+        "paramiko>=3.4",
     ],
     extras_require={
         "test": [

@@ -47,6 +47,7 @@ from .utils import url_path_join
 
 HUB_CREDENTIALS_ENV = "OUTPOST_HUB_CREDENTIALS"
 HUB_CREDENTIALS_FILE_ENV = "OUTPOST_HUB_CREDENTIALS_FILE"
+SSH_AUTHORIZED_KEYS_ENV = "OUTPOST_SSH_AUTHORIZED_KEYS"
 _DEFAULT_OVERRIDES_TEXT = ", ".join(f"``{key}``" for key in sorted(DEFAULT_OVERRIDES))
 
 aliases = {
@@ -429,7 +430,10 @@ class JupyterHubOutpost(Application):
         """,
     ).tag(config=True)
 
-    @validate("idle_connection_timeout", "body_timeout")
+    @validate(
+        "idle_connection_timeout", "body_timeout",
+        "ssh_login_grace_time", "ssh_connect_timeout", "ssh_sweep_interval",
+    )  # fmt: skip
     def _validate_positive_timeout(self, proposal):
         from traitlets import TraitError
 
@@ -781,6 +785,151 @@ class JupyterHubOutpost(Application):
         """,
     ).tag(config=True)
 
+    # SSH endpoint: hubs forward to their own servers through the Outpost
+
+    enable_ssh = Bool(
+        False,
+        help="""Run an SSH server in the Outpost through which hubs reach their servers.
+
+        A hub logs in with its name as the user name and one of its keys
+        (``ssh_authorized_keys``), and may then open local forwards (``ssh -L``)
+        to the address of each of its running servers, and nowhere else. No
+        shell, commands, sftp or remote forwarding. Default: off.
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    ssh_ip = Unicode(
+        "",
+        help="""The address the SSH endpoint listens on. Default: all addresses.
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    ssh_port = Integer(
+        2222,
+        help="""The TCP port the SSH endpoint listens on (0: a random free port).
+        Default: 2222. The hubs' ``c.OutpostSpawner.ssh_port``.
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    ssh_host_key_file = Unicode(
+        help="""The endpoint's ed25519 host key (OpenSSH private key file).
+
+        Generated once (mode 0600) when the file is missing, and never
+        replaced: hubs trust the first key they see (``accept-new``) and refuse
+        a changed one. Keep it across restarts and share it between processes.
+        Default: ``jupyterhub_outpost_ssh_host_key`` beside the SQLite
+        database, or in the working directory for other databases. Its
+        fingerprint is logged at start.
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    @default("ssh_host_key_file")
+    def _ssh_host_key_file_default(self):
+        return os.path.join(os.path.dirname(self.crypt_key_file), "jupyterhub_outpost_ssh_host_key")
+
+    ssh_authorized_keys = Dict(
+        key_trait=Unicode(),
+        value_trait=Union([Unicode(), List(Unicode())]),
+        help=f"""Per hub name, the public keys it may log in with.
+
+        Each value holds lines in ``authorized_keys`` format (a text or a list
+        of lines; options such as ``restrict`` are ignored). Default: the
+        environment variable ``{SSH_AUTHORIZED_KEYS_ENV}`` (a JSON object of
+        the same shape)::
+
+            c.JupyterHubOutpost.ssh_authorized_keys = {{
+                "hub-a": ["ssh-ed25519 AAAAC3Nza... hub-a"],
+            }}
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    @default("ssh_authorized_keys")
+    def _ssh_authorized_keys_default(self):
+        text = os.environ.get(SSH_AUTHORIZED_KEYS_ENV)
+        return json.loads(text) if text else {}
+
+    ssh_authorized_keys_files = Dict(
+        key_trait=Unicode(),
+        value_trait=Unicode(),
+        help="""Per hub name, a file in ``authorized_keys`` format with more keys
+        it may log in with (a mounted secret, for example). Read at start.
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    ssh_login_grace_time = Float(
+        30,
+        help="""Seconds a connection has to log in before it is closed. Default: 30.
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    ssh_max_unauthenticated = Integer(
+        64,
+        help="""Most connections that have not logged in yet, from all sources
+        (as sshd's ``MaxStartups``); more are closed at once. Default: 64.
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    ssh_max_unauthenticated_per_source = Integer(
+        8,
+        help="""Most connections that have not logged in yet from one address;
+        more are closed at once. Default: 8.
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    ssh_failed_login_delay = Float(
+        1.0,
+        help="""Seconds each refused login attempt waits before its answer, to
+        slow down guessing. A connection is closed after 6 refusals. Default: 1.
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    ssh_max_channels_per_connection = Integer(
+        1024,
+        help="""Most forwarded connections open at once over one hub connection;
+        more are refused. Default: 1024.
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    ssh_connect_timeout = Float(
+        10,
+        help="""Seconds to wait for a server to accept a forwarded connection.
+        Default: 10.
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    ssh_sweep_interval = Float(
+        5,
+        help="""Seconds between checks that close forwards to servers another
+        Outpost process stopped (this process closes its own at once). Default: 5.
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
     # runtime state, not configuration
     db = None
     process_owner = ""
@@ -788,6 +937,7 @@ class JupyterHubOutpost(Application):
     server_manager = None
     http_server = None
     bound_port = None
+    ssh_endpoint = None
 
     policy = None
 
@@ -915,6 +1065,59 @@ class JupyterHubOutpost(Application):
         self.server_manager = ServerManager(self, policy=self.policy)
         self.log.info("Spawner: %s.%s", self.spawner_class.__module__, self.spawner_class.__name__)
 
+    def init_ssh(self):
+        if not self.enable_ssh:
+            return
+        # paramiko is loaded only where the endpoint runs
+        from paramiko import SSHException
+
+        from .ssh import SSHEndpoint
+
+        # paramiko logs every stranger's failed handshake with a traceback;
+        # the endpoint logs what matters itself
+        paramiko_log = logging.getLogger("paramiko")
+        paramiko_log.parent, paramiko_log.propagate = self.log, True
+        paramiko_log.setLevel(logging.DEBUG if self.log_level <= logging.DEBUG else logging.CRITICAL)
+        keys = {}
+        for hub in sorted(set(self.ssh_authorized_keys) | set(self.ssh_authorized_keys_files)):
+            keys[hub] = self._read_ssh_keys(hub)
+            if hub not in self.hub_credentials:
+                self.log.warning("SSH keys for hub %s, which has no credential: ignored", hub)
+                del keys[hub]
+        if not any(keys.values()):
+            self.log.warning("SSH endpoint enabled, but no hub has a key in ssh_authorized_keys")
+        self.ssh_endpoint = SSHEndpoint(self, keys)
+        try:
+            self.ssh_endpoint.load_host_key()
+        except (OSError, ValueError, SSHException) as e:
+            self.log.critical("Cannot use the SSH host key %s: %s", self.ssh_host_key_file, e)
+            self.exit(1)
+        self.server_manager.forget_callbacks.append(self.ssh_endpoint.server_forgotten)
+
+    def _read_ssh_keys(self, hub):
+        """The key blobs of one hub, from the config and its file"""
+        from .ssh import parse_authorized_keys
+
+        value = self.ssh_authorized_keys.get(hub, "")
+        texts = [value] if isinstance(value, str) else list(value)
+        sources = ["ssh_authorized_keys"] * len(texts)
+        path = self.ssh_authorized_keys_files.get(hub)
+        if path:
+            try:
+                with open(path) as f:
+                    texts.append(f.read())
+            except OSError as e:
+                self.log.critical("Cannot read the SSH keys of hub %s: %s", hub, e)
+                self.exit(1)
+            sources.append(path)
+        blobs = set()
+        for text, source in zip(texts, sources):
+            found, errors = parse_authorized_keys(text)
+            if errors:
+                self.log.warning("SSH keys of hub %s in %s: no key on line(s) %s", hub, source, errors)
+            blobs |= found
+        return blobs
+
     def init_tornado_application(self):
         handlers = [(url_path_join(self.base_url, pattern), cls) for pattern, cls in default_handlers]
         self.tornado_application = web.Application(
@@ -944,6 +1147,7 @@ class JupyterHubOutpost(Application):
         self.init_db()
         self.init_policy()
         self.init_servers()
+        self.init_ssh()
         self.init_tornado_application()
 
     def load_config_file(self, filename, path=None):
@@ -982,6 +1186,8 @@ class JupyterHubOutpost(Application):
             "jupyterhub-outpost %s listening on http://%s:%i%s",
             __version__, self.ip or "*", self.bound_port, self.base_url,
         )  # fmt: skip
+        if self.ssh_endpoint is not None:
+            self.ssh_endpoint.start()
         self._stopped = asyncio.Event()
         self.background.start()
         # What exists now (modules, configuration, the application) lives as
@@ -1013,6 +1219,8 @@ class JupyterHubOutpost(Application):
         await self.background.stop()
         if self.http_server is not None:
             self.http_server.stop()
+        if self.ssh_endpoint is not None:
+            await self.ssh_endpoint.stop()
         await self.server_manager.shutdown()
         await asyncio.get_running_loop().run_in_executor(None, self.db.close)
 

@@ -158,6 +158,8 @@ class ServerManager(LoggingConfigurable):
         )
         self.calls = SpawnerCalls(app.spawner_threads)
         self.keepers = StateKeepers(self.db, self.log)
+        # called with the record of each server this process forgets
+        self.forget_callbacks = []
 
     # building spawners
 
@@ -430,6 +432,8 @@ class ServerManager(LoggingConfigurable):
         if self.active.get(managed.record.key) is managed:
             del self.active[managed.record.key]
         _forget_secrets(managed.env)
+        for callback in self.forget_callbacks:
+            callback(managed.record)
         self._after_change(managed)
 
     def _after_change(self, managed):
