@@ -19,7 +19,8 @@ import pytest
 
 from .conftest import outpost_config, start_outpost, stop_outpost
 from .utils import (
-    api_request, basic_auth, free_port, json_of, process_config, server_answers, start_body, wait_until,
+    api_request, basic_auth, database_independent, free_port, json_of, process_config,
+    server_answers, start_body, wait_until,
 )
 
 pytestmark = pytest.mark.ssh
@@ -609,6 +610,7 @@ def ssh_process_config(workdir, keys, ssh_port, **traits):
 
 
 @pytest.mark.slow
+@database_independent  # threads, the event loop and bulk data
 async def test_strangers_do_not_disturb_a_working_forward(processes, fake_hub, keys, tmp_path):
     ssh_port = free_port()
     outpost = processes(tmp_path / "outpost", config_text=ssh_process_config(tmp_path / "outpost", keys, ssh_port))
@@ -695,6 +697,7 @@ async def poll_p99(port, path, seconds=3):
 
 
 @pytest.mark.slow
+@database_independent  # threads, the event loop and bulk data
 async def test_2000_channels_over_20_connections_keep_threads_and_polls_bounded(
     processes, fake_hub, keys, tmp_path
 ):
@@ -744,6 +747,7 @@ def bulk_echo(port, size, stop):
 
 
 @pytest.mark.slow
+@database_independent  # threads, the event loop and bulk data
 async def test_polls_stay_fast_during_a_bulk_transfer(processes, fake_hub, keys, tmp_path):
     ssh_port = free_port()
     workdir = tmp_path / "outpost"

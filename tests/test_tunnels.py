@@ -17,6 +17,7 @@ from cryptography.fernet import Fernet
 
 from .utils import (
     api_request,
+    database_independent,
     json_of,
     key_of,
     process_config,
@@ -224,6 +225,7 @@ async def test_one_call_per_hub_when_it_rebuilds_all_forwards(tmp_path, fake_hub
     assert token not in log
 
 
+@database_independent  # what the event loop does while a hub is slow
 async def test_start_up_is_not_delayed_by_a_slow_hub(tmp_path, fake_hub, processes):
     outpost = make_outpost(processes, tmp_path, ssh_recreate_at_start=True)
     servers = await start_servers(outpost, fake_hub, processes.tokens, users("slow", 6))
