@@ -43,8 +43,10 @@ class HubClient(LoggingConfigurable):
     def client(self):
         return AsyncHTTPClient()
 
-    async def _post(self, url, token, body, what, log_name):
-        request = HTTPRequest(
+    def _json_post(self, url, token, body, timeout=None):
+        """A POST of ``body`` as JSON with ``Authorization: token ...``"""
+        timeout = timeout or self.request_timeout
+        return HTTPRequest(
             url,
             method="POST",
             headers={
@@ -53,9 +55,12 @@ class HubClient(LoggingConfigurable):
                 "Accept": "application/json",
             },
             body=json.dumps(body),
-            connect_timeout=self.request_timeout,
-            request_timeout=self.request_timeout,
+            connect_timeout=min(timeout, self.request_timeout),
+            request_timeout=timeout,
         )
+
+    async def _post(self, url, token, body, what, log_name):
+        request = self._json_post(url, token, body)
         try:
             await self.client.fetch(request)
         except HTTPClientError as e:
@@ -118,18 +123,7 @@ class HubClient(LoggingConfigurable):
         timeout = timeout or self.request_timeout
 
         def make_request():
-            return HTTPRequest(
-                url,
-                method="POST",
-                headers={
-                    "Authorization": f"token {token}",
-                    "Content-Type": "application/json",
-                    "Accept": "application/json",
-                },
-                body=json.dumps({"service": service}),
-                connect_timeout=min(timeout, self.request_timeout),
-                request_timeout=timeout,
-            )
+            return self._json_post(url, token, {"service": service}, timeout)
 
         return await self._with_retries(make_request, "setuptunnel", log_name, retries, backoff)
 
