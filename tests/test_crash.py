@@ -18,17 +18,16 @@ after ``pending_timeout``.
 
 import asyncio
 import collections
-import os
 import random
 
 import pytest
-from cryptography.fernet import Fernet
 
 from .utils import (
     api_request,
     json_of,
     kill_servers_of,
     process_config,
+    process_env,
     processes_of,
     start_body,
     tokens_of,
@@ -37,7 +36,6 @@ from .utils import (
 
 pytestmark = pytest.mark.slow
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KILLS = 20
 # ignores SIGINT, ends on SIGTERM (an ignored signal stays ignored across exec)
 IGNORES_SIGINT = ["sh", "-c", "trap '' INT; exec sleep 3600"]
@@ -54,10 +52,7 @@ def outpost(tmp_path, processes):
         pending_timeout=3600.0,  # what is interrupted must not wait for this
     )
     config += "c.Spawner.interrupt_timeout = 1\nc.Spawner.term_timeout = 5\n"
-    env = {
-        "OUTPOST_CRYPT_KEY": Fernet.generate_key().decode(),
-        "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
-    }
+    env = process_env()
     process = processes(tmp_path, config_text=config, extra_env=env)
     process.start()
     return process

@@ -19,7 +19,6 @@ import asyncio
 import os
 import re
 
-from cryptography.fernet import Fernet
 from tornado.httpclient import AsyncHTTPClient
 
 from .utils import (
@@ -29,6 +28,7 @@ from .utils import (
     new_db_url,
     pids_with_env,
     process_config,
+    process_env,
     processes_of,
     query_db,
     server_answers,
@@ -37,7 +37,6 @@ from .utils import (
     wait_until,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOOP = "benchmarks.noop_spawner.NoopSpawner"
 DETACHED = "tests.mocking.DetachedProcessSpawner"
 SLOW = "tests.mocking.SlowStartSpawner"
@@ -48,11 +47,7 @@ async def two_processes(tmp_path, processes, spawner_class, cmd=None):
     config = process_config(
         tmp_path, db_path=tmp_path / "shared.sqlite", cmd=cmd, spawner_class=spawner_class
     )
-    env = {
-        "OUTPOST_CRYPT_KEY": Fernet.generate_key().decode(),
-        # the spawner classes live in this repository
-        "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
-    }
+    env = process_env()
     one = processes(tmp_path / "one", config_text=config, extra_env=env)
     two = processes(tmp_path / "two", config_text=config, extra_env=env)
     await asyncio.to_thread(one.start)  # creates the tables

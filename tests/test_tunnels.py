@@ -8,12 +8,10 @@ port forward, as the hub's ``JUPYTERHUB_SETUPTUNNEL_URL`` expects it.
 """
 
 import asyncio
-import os
 import secrets
 import time
 
 import pytest
-from cryptography.fernet import Fernet
 
 from .utils import (
     api_request,
@@ -21,6 +19,7 @@ from .utils import (
     json_of,
     key_of,
     process_config,
+    process_env,
     start_body,
     tokens_of,
     wait_until,
@@ -28,7 +27,6 @@ from .utils import (
 
 pytestmark = pytest.mark.slow
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLEEP = ["sleep", "600"]
 
 
@@ -44,10 +42,7 @@ def make_outpost(processes, workdir, extra="", **traits):
     """An Outpost process whose background rounds come every second"""
     traits = {"cleanup_interval": 1.0, "lease_ttl": 3.0, **traits}
     config = process_config(workdir, cmd=SLEEP, **traits) + extra
-    env = {
-        "OUTPOST_CRYPT_KEY": Fernet.generate_key().decode(),
-        "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
-    }
+    env = process_env()
     process = processes(workdir, config_text=config, extra_env=env)
     process.start()
     return process

@@ -266,6 +266,20 @@ def process_config(workdir, db_path=None, cmd=None, **traits):
     return text
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def process_env():
+    """Environment of an :class:`OutpostProcess` whose spawner classes live in
+    this repository (tests.mocking, benchmarks), with a fresh encryption key"""
+    from cryptography.fernet import Fernet
+
+    return {
+        "OUTPOST_CRYPT_KEY": Fernet.generate_key().decode(),
+        "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
+    }
+
+
 class OutpostProcess:
     """A real ``jupyterhub-outpost`` process (console script) for CLI and crash tests"""
 
