@@ -26,6 +26,7 @@ from traitlets import (
     Float,
     Integer,
     List,
+    TraitError,
     Unicode,
     Union,
     default,
@@ -911,6 +912,38 @@ class JupyterHubOutpost(Application):
         .. versionadded:: 0.2
         """,
     ).tag(config=True)
+
+    ssh_max_channels_per_hub = Integer(
+        2048,
+        help="""Most forwarded connections one hub may have open at once, over
+        all its SSH connections; more are refused. Default: 2048.
+
+        With ``ssh_channel_window``, this bounds the memory one hub can make
+        the Outpost hold: each open forward buffers at most its window of data
+        from the hub, and 0.5 MiB on its way to the hub (2048 forwards with
+        the default window: at most 5 GiB, when every server stops reading).
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    ssh_channel_window = Integer(
+        2 * 1024 * 1024,
+        help="""Bytes a hub may send into one forward before the Outpost has
+        passed them on to the server (the SSH channel window). Larger windows
+        carry more over links with a long round trip; smaller ones bound the
+        memory of many forwards (see ``ssh_max_channels_per_hub``).
+        Default: 2 MiB, as OpenSSH's sshd.
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    @validate("ssh_channel_window")
+    def _ssh_channel_window_valid(self, proposal):
+        if not 32 * 1024 <= proposal.value <= 2**31 - 1:
+            raise TraitError("ssh_channel_window must lie between 32 KiB and 2 GiB")
+        return proposal.value
 
     ssh_connect_timeout = Float(
         10,
