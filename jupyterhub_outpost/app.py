@@ -41,6 +41,7 @@ from .handlers.base import NotFoundAPIHandler
 from .handlers.spec import load_spec
 from .background import BackgroundWork
 from .hubclient import HubClient
+from .metrics import OutpostMetrics
 from .log import install_scrubber, log_request, secrets
 from .policy import DEFAULT_OVERRIDES, OutpostPolicy, is_valid_hub_name
 from .servers import ServerManager
@@ -125,7 +126,8 @@ class JupyterHubOutpost(Application):
     def classes(self):
         from jupyterhub.spawner import LocalProcessSpawner, SimpleLocalProcessSpawner
 
-        return [JupyterHubOutpost, HubClient, Spawner, LocalProcessSpawner, SimpleLocalProcessSpawner]
+        return [JupyterHubOutpost, HubClient, OutpostMetrics, Spawner, LocalProcessSpawner,
+                SimpleLocalProcessSpawner]
 
     instance_name = Unicode(
         help="""A name for this process in logs and leases (default: host name and pid).""",
@@ -971,6 +973,8 @@ class JupyterHubOutpost(Application):
     http_server = None
     bound_port = None
     ssh_endpoint = None
+    background = None
+    metrics = None
 
     policy = None
 
@@ -1098,6 +1102,19 @@ class JupyterHubOutpost(Application):
         self.server_manager = ServerManager(self, policy=self.policy)
         self.log.info("Spawner: %s.%s", self.spawner_class.__module__, self.spawner_class.__name__)
 
+    def init_metrics(self):
+        metrics = OutpostMetrics(self)
+        if not metrics.enabled:
+            return
+        self.metrics = metrics
+        self.db.observer = metrics.db_call
+        self.hub_client.on_failure = metrics.callback_failed
+        if metrics.authenticate and not metrics.token and not metrics.open_networks:
+            self.log.info(
+                "Metrics at %s need c.OutpostMetrics.token (or OUTPOST_METRICS_TOKEN) to be read",
+                url_path_join(self.base_url, "metrics"),
+            )
+
     def init_ssh(self):
         if not self.enable_ssh:
             return
@@ -1180,6 +1197,7 @@ class JupyterHubOutpost(Application):
         self.init_db()
         self.init_policy()
         self.init_servers()
+        self.init_metrics()
         self.init_ssh()
         self.init_tornado_application()
 
@@ -1223,6 +1241,8 @@ class JupyterHubOutpost(Application):
             self.ssh_endpoint.start()
         self._stopped = asyncio.Event()
         self.background.start()
+        if self.metrics is not None:
+            self.metrics.start()
         # What exists now (modules, configuration, the application) lives as
         # long as the process: keep it out of the garbage collector's full
         # collections, which stop the event loop for as long as they scan.
@@ -1250,6 +1270,8 @@ class JupyterHubOutpost(Application):
         """Stop listening, cancel starts in flight; running servers keep running"""
         self.log.info("Shutting down; running servers keep running")
         await self.background.stop()
+        if self.metrics is not None:
+            await self.metrics.stop()
         if self.http_server is not None:
             self.http_server.stop()
         if self.ssh_endpoint is not None:

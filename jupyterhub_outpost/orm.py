@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -344,6 +345,8 @@ class Database:
         self._user_ids = {}  # (hub id, hub's user id) -> (user id, name)
         # the process whose starts add_server records (see servers.owner)
         self.owner = ""
+        # called with (kind, seconds, failed) after each call, in its thread
+        self.observer = None
 
     async def _run(self, fn, *args):
         """Run ``fn(connection, *args)`` in a writer thread, in one transaction"""
@@ -358,14 +361,21 @@ class Database:
         )
 
     def _call(self, fn, *args, read_only=False):
+        began, failed = time.perf_counter(), True
         try:
             if read_only:
                 with self.engine.connect() as connection:
-                    return fn(connection, *args)
-            with self.engine.begin() as connection:
-                return fn(connection, *args)
+                    result = fn(connection, *args)
+            else:
+                with self.engine.begin() as connection:
+                    result = fn(connection, *args)
+            failed = False
+            return result
         except (OperationalError, InterfaceError) as e:
             raise _unavailable(e) from e
+        finally:
+            if self.observer is not None:
+                self.observer("read" if read_only else "write", time.perf_counter() - began, failed)
 
     # the hot read path: a DBAPI connection per reader thread
 
@@ -391,6 +401,16 @@ class Database:
 
     def _fetch_one(self, statement, values):
         """One row of a precompiled statement; reconnects once after a lost connection"""
+        began, failed = time.perf_counter(), True
+        try:
+            row = self._fetch_one_row(statement, values)
+            failed = False
+            return row
+        finally:
+            if self.observer is not None:
+                self.observer("poll", time.perf_counter() - began, failed)
+
+    def _fetch_one_row(self, statement, values):
         for attempt in (1, 2):
             try:
                 cursor = self._reader().cursor()
@@ -554,6 +574,24 @@ class Database:
         ).all()
         user_flavor = sum(n for f, n in user_rows if f == flavor)
         return total, user_flavor, sum(n for _, n in user_rows)
+
+    async def server_summary(self):
+        """``{(hub, flavor, state): servers}`` of all records, with state
+        pending, running or stopping and flavor "" for none (one grouped query)"""
+        return await self._read(self._server_summary)
+
+    def _server_summary(self, connection):
+        rows = connection.execute(
+            select(Hub.name, Server.flavor, Server.start_pending, Server.stop_pending, func.count())
+            .join(Hub, Hub.id == Server.hub_id)
+            .group_by(Hub.name, Server.flavor, Server.start_pending, Server.stop_pending)
+        ).all()
+        summary = {}
+        for hub, flavor, start_pending, stop_pending, count in rows:
+            state = "stopping" if stop_pending else "pending" if start_pending else "running"
+            key = (hub, flavor or "", state)
+            summary[key] = summary.get(key, 0) + count
+        return summary
 
     async def flavor_counts(self):
         """Flavor name -> servers running now (stopping ones excluded)"""

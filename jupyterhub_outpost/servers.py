@@ -33,6 +33,7 @@ from .errors import (
 )
 from . import certs
 from .log import secrets
+from .metrics import observed
 from .objects import OutpostDB, OutpostHub, OutpostORMSpawner, OutpostUser
 from .spawnercalls import SpawnerCalls, runs_on_loop
 from .spawners import localprocess
@@ -270,7 +271,9 @@ class ServerManager(LoggingConfigurable):
                     end_date=end_date,
                     request=stored,
                 )
-        except (OverrideRefusedError, AccountRefusedError, FlavorError):
+        except (OverrideRefusedError, AccountRefusedError, FlavorError) as e:
+            if self.app.metrics is not None:
+                self.app.metrics.start_refused(hub, e)
             self._report_usage(hub, env)
             raise
         try:
@@ -296,6 +299,7 @@ class ServerManager(LoggingConfigurable):
             raise StartCancelledError("The start was cancelled by a stop request")
         return {"service": task.result()}
 
+    @observed("start", lambda managed, *_: managed.record.hub)
     async def _run_start(self, managed, certs, trust_bundles, run_async):
         spawner = managed.spawner
         spawner._spawn_pending = True
@@ -492,6 +496,7 @@ class ServerManager(LoggingConfigurable):
         self.log.debug("%s - spawner restored from the database", managed.log_name)
         return managed
 
+    @observed("poll", lambda hub, *_: hub)
     async def poll(self, hub, name, start_id, collect_logs=False):
         """``{"status": None}`` while running, the exit status when ended.
 
@@ -565,6 +570,7 @@ class ServerManager(LoggingConfigurable):
             return {}
         return {"logs": await asyncio.shield(task)}
 
+    @observed("stop", lambda record, *_: record.hub)
     async def _run_stop(self, record, collect_logs):
         key = record.key
         managed = self.active.get(key)
