@@ -51,6 +51,8 @@ setup(
         "cryptography>=41",
         "pyyaml",
         "paramiko>=3.4",
+        # the library JupyterHub's /hub/metrics uses
+        "prometheus_client>=0.17",
     ],
     extras_require={
         "test": [
