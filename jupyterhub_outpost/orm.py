@@ -657,6 +657,15 @@ class Database:
             )
         return self._record(row)
 
+    async def start_ids_of(self, hub, name, limit=2):
+        """The start ids of hub ``hub``'s servers named ``name`` (at most ``limit``)"""
+        hub_id = await self.hub_id(hub)
+        return await self._read(self._start_ids_of, hub_id, name, limit)
+
+    def _start_ids_of(self, connection, hub_id, name, limit):
+        query = select(Server.start_id).where(Server.hub_id == hub_id, Server.name == name)
+        return list(connection.scalars(query.limit(limit)))
+
     async def list_servers(self, hub=None, pending_only=False, secrets=False):
         """Servers of one hub (all hubs when ``hub`` is None)"""
         hub_id = None if hub is None else await self.hub_id(hub)
