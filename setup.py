@@ -33,8 +33,7 @@ setup(
     data_files=[
         (
             "share/jupyterhub-outpost",
-            ["outpost_config.py"]
-            + sorted(
+            sorted(
                 os.path.join("share", "jupyterhub-outpost", name)
                 for name in os.listdir(os.path.join(here, "share", "jupyterhub-outpost"))
                 if os.path.isfile(os.path.join(here, "share", "jupyterhub-outpost", name))

@@ -42,7 +42,7 @@ from .handlers.spec import load_spec
 from .background import BackgroundWork
 from .hubclient import HubClient
 from .metrics import OutpostMetrics
-from .log import install_scrubber, log_request, secrets
+from .log import JSONLogFormatter, install_scrubber, log_request, secrets
 from .policy import DEFAULT_OVERRIDES, OutpostPolicy, is_valid_hub_name
 from .servers import ServerManager
 from .utils import url_path_join
@@ -1007,9 +1007,10 @@ class JupyterHubOutpost(Application):
 
     def init_logging(self):
         self.log.propagate = False
-        formatter = self._log_formatter_cls(
-            fmt=self.log_format, datefmt=self.log_datefmt
-        )
+        if self.enable_json_log:
+            formatter = JSONLogFormatter()
+        else:
+            formatter = self._log_formatter_cls(fmt=self.log_format, datefmt=self.log_datefmt)
         for handler in self.log.handlers:
             handler.setFormatter(formatter)
         # traitlets keeps self.log at DEBUG and filters in the handlers. Give the
@@ -1024,6 +1025,18 @@ class JupyterHubOutpost(Application):
             logger.setLevel(level)
         access_log.setLevel(level)
         install_scrubber()
+
+    enable_json_log = Bool(
+        False,
+        help="""Write the log as one JSON object per line, for shipping to Loki,
+        Elasticsearch and the like: ``time`` (UTC), ``level``, ``logger``,
+        ``message``, and ``hub``, ``server`` and ``start_id`` on the lines about
+        one server. Secrets are removed as from the text log. Default: False
+        (the text format of ``log_format``).
+
+        .. versionadded:: 0.3
+        """,
+    ).tag(config=True)
 
     @default("log_level")
     def _log_level_default(self):
@@ -1192,6 +1205,8 @@ class JupyterHubOutpost(Application):
         self.init_logging()
         if self.config_file and not os.path.exists(self.config_file):
             self.log.info("No config file %s: running on the defaults", self.config_file)
+        elif self.config_file:
+            self.log.info("Loaded config file %s", os.path.abspath(self.config_file))
         self.init_secrets()
         self.init_flavors()
         self.init_db()

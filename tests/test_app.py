@@ -32,6 +32,7 @@ from .utils import (
     json_of,
     new_db_url,
     sqlite_only,
+    start_body,
 )
 
 SCHEMA_FILE_TESTS = sqlite_only("copies a SQLite file and checks the backup made before upgrades")
@@ -287,6 +288,38 @@ c.JupyterHubOutpost.db_url = "{new_db_url(tmp_path)}"
     assert f"listening on http://127.0.0.1:{port}/outpost/" in outpost.log_text()
 
 
+async def test_json_log_is_one_scrubbed_object_per_line(tmp_path, launch):
+    port = free_port()
+    config = write_config(tmp_path / "outpost_config.py", f"""
+c.JupyterHubOutpost.enable_json_log = True
+c.JupyterHubOutpost.db_url = "{new_db_url(tmp_path)}"
+c.JupyterHubOutpost.spawner_class = "jupyterhub.spawner.SimpleLocalProcessSpawner"
+c.SimpleLocalProcessSpawner.home_dir_template = "{tmp_path}/home-{{username}}"
+c.Spawner.cmd = ["sleep", "600"]
+c.Spawner.args = []
+""")  # fmt: skip
+    env = clean_env(OUTPOST_HUB_CREDENTIALS=json.dumps(HUB_CREDENTIALS))
+    outpost = launch(tmp_path, "-f", config, "--ip=127.0.0.1", f"--port={port}", port=port, env=env)
+    body = start_body("http://127.0.0.1:9/hub/api", name="logged")
+    token = body["env"]["JUPYTERHUB_API_TOKEN"]
+    assert (await api_request(outpost, "services", method="POST", body=body)).code == 200
+    response = await api_request(outpost, "services", "logged", body["user_options"]["start_id"],
+                                 method="DELETE")  # fmt: skip
+    assert response.code == 200
+    assert (await api_request(outpost, "services", password="wrong")).code == 401
+    assert stop(outpost) == 0
+
+    entries = [json.loads(line) for line in outpost.log_text().splitlines() if line.strip()]
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
+    assert all(e["time"].endswith("Z") for e in entries)
+    started = [e for e in entries if " - started at " in e["message"]]
+    assert started and started[0]["hub"] == "hub-a" and started[0]["server"] == "logged"
+    assert started[0]["start_id"] == body["user_options"]["start_id"]
+    assert any(e["level"] == "WARNING" and "401" in e["message"] for e in entries)
+    text = outpost.log_text()
+    assert token not in text and HUB_CREDENTIALS["hub-a"] not in text
+
+
 async def test_hub_credentials_from_environment_and_file(tmp_path, launch):
     env_dir, file_dir = tmp_path / "env", tmp_path / "file"
     env_dir.mkdir()
@@ -336,7 +369,8 @@ async def test_hub_credentials_from_environment_and_file(tmp_path, launch):
 
 
 async def test_example_config_starts_as_is(tmp_path, launch):
-    shutil.copy(os.path.join(REPO_ROOT, "outpost_config.py"), tmp_path / "outpost_config.py")
+    shutil.copy(os.path.join(REPO_ROOT, "share", "jupyterhub-outpost", "outpost_config.py"),
+                tmp_path / "outpost_config.py")  # fmt: skip
     port = free_port()
     outpost = launch(tmp_path, "-f", "outpost_config.py", "--port", str(port), port=port)
     assert (await api_request(outpost, "ping", auth=False)).code == 200
