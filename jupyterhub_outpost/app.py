@@ -34,7 +34,7 @@ from traitlets import (
 )
 from traitlets.config import Application, catch_config_error
 
-from . import crypto, dbutil, flavors, orm
+from . import configfile, crypto, dbutil, flavors, orm
 from ._version import __version__
 from .handlers import default_handlers
 from .handlers.base import NotFoundAPIHandler
@@ -70,6 +70,10 @@ flags = {
     "generate-config": (
         {"JupyterHubOutpost": {"generate_config": True}},
         "Write a commented default configuration file (to -f) and exit.",
+    ),
+    "y": (
+        {"JupyterHubOutpost": {"answer_yes": True}},
+        "With --generate-config: overwrite an existing file.",
     ),
 }
 
@@ -145,6 +149,14 @@ class JupyterHubOutpost(Application):
     generate_config = Bool(False, help="Write a commented configuration file and exit.").tag(
         config=True
     )
+
+    answer_yes = Bool(
+        False,
+        help="""With ``--generate-config``: overwrite the file if it exists (``-y``).
+
+        .. versionadded:: 0.3
+        """,
+    ).tag(config=True)
 
     ip = Unicode(
         "",
@@ -1221,13 +1233,29 @@ class JupyterHubOutpost(Application):
             super().load_config_file(filename, path=path)
 
     def write_config_file(self):
-        if os.path.exists(self.config_file):
-            print(f"{self.config_file} exists; not overwriting it.", file=sys.stderr)
+        if os.path.exists(self.config_file) and not self.answer_yes:
+            print(f"{self.config_file} exists; not overwriting it (-y overwrites).", file=sys.stderr)
             self.exit(1)
         text = self.generate_config_file()
         with open(self.config_file, "w") as f:
             f.write(text)
         print(f"Wrote configuration to {self.config_file}")
+
+    def generate_config_file(self, classes=None):
+        """The commented configuration file, with the computed defaults of
+        the Outpost's own settings written as they are computed"""
+        from functools import lru_cache
+
+        text = super().generate_config_file(classes)
+        fresh = lru_cache(maxsize=None)(lambda cls: cls())
+        return configfile.generated(
+            text,
+            {
+                JupyterHubOutpost: lambda: fresh(JupyterHubOutpost),
+                HubClient: lambda: fresh(HubClient),
+                OutpostMetrics: lambda: None,  # its computed default comes from the environment
+            },
+        )
 
     # running
 

@@ -185,8 +185,37 @@ def test_generate_config_writes_commented_file_and_never_overwrites(tmp_path):
     path.write_text("# the operator's own settings\n")
     result = run_cli("--generate-config", "-f", str(path), cwd=tmp_path)
     assert result.returncode != 0
-    assert "exists" in result.stderr
+    assert "exists" in result.stderr and "-y" in result.stderr
     assert path.read_text() == "# the operator's own settings\n"
+    result = run_cli("--generate-config", "-y", "-f", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert path.read_text() == text
+
+
+OWN_SECTIONS = ("JupyterHubOutpost", "HubClient", "OutpostMetrics")
+
+
+def test_every_generated_line_of_the_outposts_settings_runs_once_uncommented(tmp_path):
+    path = tmp_path / "cfg.py"
+    result = run_cli("--generate-config", "-f", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = path.read_text()
+    assert "Undefined" not in "\n".join(
+        line for line in text.splitlines() if line.split(".")[1:2] and line.split(".")[1] in OWN_SECTIONS
+    )
+    lines = [line[2:] for line in text.splitlines()
+             if line.startswith(tuple(f"# c.{name}." for name in OWN_SECTIONS))]  # fmt: skip
+    assert len(lines) > 60
+    config = Config()
+    for line in lines:
+        exec(line, {"c": config})  # a NameError or SyntaxError fails the test
+    # and each value is one its setting accepts
+    outpost = JupyterHubOutpost(config=config)
+    for name in config.JupyterHubOutpost:
+        getattr(outpost, name)
+    # the placeholders say where a computed default comes from
+    assert "#  Default: 45.0 (computed when the Outpost starts" in text
+    assert "#  Default: from OUTPOST_HUB_CREDENTIALS_FILE, else OUTPOST_HUB_CREDENTIALS" in text
 
 
 # running
