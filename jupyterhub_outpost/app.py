@@ -34,7 +34,7 @@ from traitlets import (
 )
 from traitlets.config import Application, catch_config_error
 
-from . import configfile, crypto, dbutil, flavors, orm
+from . import configfile, credits, crypto, dbutil, flavors, orm
 from ._version import __version__
 from .handlers import default_handlers
 from .handlers.base import NotFoundAPIHandler
@@ -628,11 +628,45 @@ class JupyterHubOutpost(Application):
         Empty (default): such a start is refused with the list of flavors.""",
     ).tag(config=True)
 
+    credits = Dict(
+        help="""Credits: the budgets the hubs' credit services may charge,
+        answered at ``GET /credits`` (the hub's) and ``POST /usercredits``
+        (one user's, by the authentication object, after
+        ``update_user_authentication``). Three keys: ``credits`` (name to an
+        object, the budget as the credit service reads it), ``hubs`` (rules by
+        hub name pattern: ``credits``, the names the hub may use, and
+        ``creditsOverride``, keys to change per credit) and ``users`` (rules
+        as the flavors' ``users``: ``authentication``, ``weight``,
+        ``forbidden``, ``credits``, ``creditsOverride``)::
+
+            c.JupyterHubOutpost.credits = {
+                "credits": {"cpu-hours": {"budget": 1000, "unit": "core-hours"}},
+                "hubs": {"main": {"hub": "hub-main", "credits": ["cpu-hours"]}},
+                "users": {
+                    "students": {"authentication": {"groups": "students"},
+                                 "creditsOverride": {"cpu-hours": {"budget": 100}}},
+                },
+            }
+
+        Default: none (both endpoints answer ``{}``).
+
+        .. versionadded:: 0.3
+        """,
+    ).tag(config=True)
+
+    @validate("credits")
+    def _credits_valid(self, proposal):
+        try:
+            credits.check(proposal.value)
+        except ValueError as e:
+            raise TraitError(str(e)) from None
+        return proposal.value
+
     flavor_config_file = Unicode(
         "",
         help="""A YAML file with the keys ``flavors``, ``hubs``, ``users``,
-        ``global_max_per_user`` and ``default_flavor``, read at startup;
-        its values replace the settings of the same names.""",
+        ``global_max_per_user``, ``default_flavor`` and ``credits``, read at
+        startup; its values replace the settings of the same names.""",
     ).tag(config=True)
 
     update_user_authentication = Callable(
@@ -1006,7 +1040,7 @@ class JupyterHubOutpost(Application):
         if self.flavor_config_file:
             with open(self.flavor_config_file) as f:
                 settings = yaml.safe_load(f) or {}
-            for key in ("flavors", "hubs", "users", "global_max_per_user", "default_flavor"):
+            for key in ("flavors", "hubs", "users", "global_max_per_user", "default_flavor", "credits"):
                 if key in settings:
                     setattr(self, key, settings[key])
             self.log.info("Flavor configuration read from %s", self.flavor_config_file)
