@@ -123,6 +123,8 @@ class JupyterHubOutpost(Application):
     flags = flags
     subcommands = {
         "upgrade-db": (UpgradeDB, "Upgrade the database schema to this version."),
+        "servers": ("jupyterhub_outpost.cli.ServersCommand", "List the recorded servers, per hub."),
+        "history": ("jupyterhub_outpost.cli.HistoryCommand", "The recent starts of one user."),
     }
     _log_formatter_cls = LogFormatter
 
@@ -661,6 +663,24 @@ class JupyterHubOutpost(Application):
         except ValueError as e:
             raise TraitError(str(e)) from None
         return proposal.value
+
+    history_retention_days = Float(
+        7,
+        help="""Days the spawn history keeps a start (its events, outcome and
+        failure reason) after it began. Default: 7.
+
+        .. versionadded:: 0.3
+        """,
+    ).tag(config=True)
+
+    history_per_user = Integer(
+        20,
+        help="""Most starts the spawn history keeps per user of a hub (the
+        newest). Default: 20.
+
+        .. versionadded:: 0.3
+        """,
+    ).tag(config=True)
 
     flavor_config_file = Unicode(
         "",
@@ -1331,7 +1351,9 @@ class JupyterHubOutpost(Application):
     async def launch(self):
         """Run until SIGTERM or SIGINT (the console script's main loop)"""
         if self.subapp:
-            self.subapp.start()
+            started = self.subapp.start()
+            if asyncio.iscoroutine(started):  # the commands that read the database
+                await started
             return
         if self.generate_config:
             self.write_config_file()

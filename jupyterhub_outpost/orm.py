@@ -23,6 +23,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -94,7 +95,8 @@ class Server(Base):
     name: Mapped[str] = mapped_column(Unicode(255))
     start_id: Mapped[str] = mapped_column(Unicode(128))
     spawner_class: Mapped[str] = mapped_column(Unicode(1023))
-    flavor: Mapped[Optional[str]] = mapped_column(Unicode(255), nullable=True)
+    # indexed: flavor limits count the servers of one flavor
+    flavor: Mapped[Optional[str]] = mapped_column(Unicode(255), nullable=True, index=True)
     # encrypted JSON: Spawner.get_state()
     state: Mapped[Optional[bytes]] = mapped_column(LargeBinary, nullable=True)
     # encrypted JSON: env, user_options, misc of the start request (no certificates)
@@ -115,6 +117,31 @@ class Server(Base):
     # the Outpost process that runs this server's pending start or stop
     # (its process lease tells whether it still lives); "" when none
     owner: Mapped[str] = mapped_column(Unicode(255), default="")
+
+
+class StartRecord(Base):
+    """One start as it happened, kept after its server is gone (the spawn
+    history, :mod:`jupyterhub_outpost.history`)"""
+
+    __tablename__ = "start_history"
+    __table_args__ = (
+        UniqueConstraint("hub_id", "name", "start_id"),
+        Index("ix_start_history_user_started", "hub_id", "user_id", "started"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    hub_id: Mapped[int] = mapped_column(ForeignKey("hubs.id", ondelete="CASCADE"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(Unicode(255))
+    start_id: Mapped[str] = mapped_column(Unicode(128))
+    flavor: Mapped[Optional[str]] = mapped_column(Unicode(255), nullable=True)
+    started: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # when the start ended (ready, failed or cancelled), and when the server did
+    ended: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True), nullable=True)
+    stopped: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True), nullable=True)
+    # starting, ready, failed, cancelled, stopped, expired
+    outcome: Mapped[str] = mapped_column(Unicode(32), default="starting")
+    # encrypted JSON: {"events": [...], "reason": ..., "logs": [...]}, scrubbed
+    data: Mapped[Optional[bytes]] = mapped_column(LargeBinary, nullable=True)
 
 
 class Lease(Base):

@@ -595,3 +595,64 @@ async def test_older_revision_is_upgraded_after_a_backup(db_copy, newer_alembic,
     (backup,) = backups(path)
     assert revision_of(backup) == HEAD_REVISION
     await assert_record_readable(url)
+
+
+def test_the_migrations_build_exactly_the_tables_the_models_describe(tmp_path):
+    """An empty database upgraded to the head revision has the schema of
+    orm.meta: no table, column, index or constraint more or less"""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    url = new_db_url(tmp_path)
+    dbutil.upgrade(url)
+    engine = orm.new_engine(url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            differences = compare_metadata(context, orm.meta)
+    finally:
+        engine.dispose()
+    # the alembic bookkeeping table is not a model
+    assert [d for d in differences if "alembic_version" not in repr(d)] == []
+
+
+async def test_operators_list_servers_and_a_users_history_from_the_command_line(tmp_path, launch):
+    port = free_port()
+    key = Fernet.generate_key().decode()
+    config = write_config(tmp_path / "outpost_config.py", f"""
+c.JupyterHubOutpost.db_url = "{new_db_url(tmp_path)}"
+c.JupyterHubOutpost.crypt_keys = ["{key}"]
+c.JupyterHubOutpost.spawner_class = "jupyterhub.spawner.SimpleLocalProcessSpawner"
+c.SimpleLocalProcessSpawner.home_dir_template = "{tmp_path}/home-{{username}}"
+c.JupyterHubOutpost.allowed_overrides = ["cmd"]
+c.Spawner.cmd = ["sleep", "600"]
+c.Spawner.args = []
+""")  # fmt: skip
+    env = clean_env(OUTPOST_HUB_CREDENTIALS=json.dumps(HUB_CREDENTIALS))
+    outpost = launch(tmp_path, "-f", config, "--ip=127.0.0.1", f"--port={port}", port=port, env=env)
+    running = start_body("http://127.0.0.1:9/hub/api", user="olga", name="lab")
+    assert (await api_request(outpost, "services", method="POST", body=running)).code == 200
+    broken = start_body("http://127.0.0.1:9/hub/api", user="olga", name="broken",
+                        misc={"cmd": ["/no/such/program-for-the-cli"]})  # fmt: skip
+    assert (await api_request(outpost, "services", method="POST", body=broken)).code == 419
+
+    listed = run_cli("servers", "-f", config, cwd=tmp_path, env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert "hub-a" in listed.stdout and "olga" in listed.stdout and "running" in listed.stdout
+    assert running["user_options"]["start_id"] in listed.stdout
+    assert "1 server(s)" in listed.stdout
+
+    history = run_cli("history", "olga", "-f", config, cwd=tmp_path, env=env)
+    assert history.returncode == 0, history.stderr
+    lines = history.stdout.splitlines()
+    assert lines[0].split()[:2] == ["HUB", "SERVER"]
+    assert any("broken" in line and "failed" in line and "program-for-the-cli" in line for line in lines)
+    assert any(" lab " in line and "ready" in line for line in lines)
+    assert "2 start(s) of olga" in history.stdout
+    nobody = run_cli("history", "nobody-here", "-f", config, cwd=tmp_path, env=env)
+    assert "0 start(s) of nobody-here" in nobody.stdout
+
+    response = await api_request(outpost, "services", "lab", running["user_options"]["start_id"],
+                                 method="DELETE")  # fmt: skip
+    assert response.code == 200
+    assert stop(outpost) == 0
