@@ -25,6 +25,7 @@ setup(
         "jupyterhub_outpost": [
             "alembic.ini",
             "openapi.yaml",
+            "templates/*.html",
             "alembic/*.py",
             "alembic/*.mako",
             "alembic/versions/*.py",

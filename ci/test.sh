@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # System packages the tests need, space separated (installed only as root).
-APT_PACKAGES="openssh-client"
+APT_PACKAGES="openssh-client chromium"
 
 if [[ -n "${APT_PACKAGES// /}" ]]; then
     if [[ "$(id -u)" == 0 ]]; then

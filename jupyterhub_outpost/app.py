@@ -42,6 +42,7 @@ from .handlers.spec import load_spec
 from .background import BackgroundWork
 from .hubclient import HubClient
 from .metrics import OutpostMetrics
+from .status import StatusPage
 from .log import JSONLogFormatter, install_scrubber, log_request, secrets
 from .policy import DEFAULT_OVERRIDES, OutpostPolicy, is_valid_hub_name
 from .servers import ServerManager
@@ -132,8 +133,8 @@ class JupyterHubOutpost(Application):
     def classes(self):
         from jupyterhub.spawner import LocalProcessSpawner, SimpleLocalProcessSpawner
 
-        return [JupyterHubOutpost, HubClient, OutpostMetrics, Spawner, LocalProcessSpawner,
-                SimpleLocalProcessSpawner]
+        return [JupyterHubOutpost, HubClient, OutpostMetrics, StatusPage, Spawner,
+                LocalProcessSpawner, SimpleLocalProcessSpawner]
 
     instance_name = Unicode(
         help="""A name for this process in logs and leases (default: host name and pid).""",
@@ -1041,6 +1042,7 @@ class JupyterHubOutpost(Application):
     ssh_endpoint = None
     background = None
     metrics = None
+    status_page = None
 
     policy = None
 
@@ -1194,6 +1196,14 @@ class JupyterHubOutpost(Application):
                 url_path_join(self.base_url, "metrics"),
             )
 
+    def init_status_page(self):
+        self.status_page = StatusPage(self)
+        if not self.status_page.enabled:
+            self.log.info(
+                "The status page at %s needs c.StatusPage.operator_credentials (or %s)",
+                self.base_url, "OUTPOST_OPERATOR_CREDENTIALS",
+            )
+
     def init_ssh(self):
         if not self.enable_ssh:
             return
@@ -1279,6 +1289,7 @@ class JupyterHubOutpost(Application):
         self.init_policy()
         self.init_servers()
         self.init_metrics()
+        self.init_status_page()
         self.init_ssh()
         self.init_tornado_application()
 
@@ -1308,6 +1319,7 @@ class JupyterHubOutpost(Application):
                 JupyterHubOutpost: lambda: fresh(JupyterHubOutpost),
                 HubClient: lambda: fresh(HubClient),
                 OutpostMetrics: lambda: None,  # its computed default comes from the environment
+                StatusPage: lambda: None,  # so do its own
             },
         )
 

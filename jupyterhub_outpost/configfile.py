@@ -33,6 +33,9 @@ DESCRIBED = {
         '{"my-hub": ["ssh-ed25519 AAAA... my-hub"]}',
     ),
     "token": ("from OUTPOST_METRICS_TOKEN (see above)", '"a-long-random-token"'),
+    "operator_credentials": ("from OUTPOST_OPERATOR_CREDENTIALS (see above)",
+                             '{"operator": "a-long-random-password"}'),
+    "operator_token": ("from OUTPOST_OPERATOR_TOKEN (see above)", '"a-long-random-token"'),
     # differs from process to process
     "instance_name": ("this host's name and the process id, e.g. 'login1-4242'", '"login1"'),
 }

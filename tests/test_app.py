@@ -192,7 +192,7 @@ def test_generate_config_writes_commented_file_and_never_overwrites(tmp_path):
     assert path.read_text() == text
 
 
-OWN_SECTIONS = ("JupyterHubOutpost", "HubClient", "OutpostMetrics")
+OWN_SECTIONS = ("JupyterHubOutpost", "HubClient", "OutpostMetrics", "StatusPage")
 
 
 def test_every_generated_line_of_the_outposts_settings_runs_once_uncommented(tmp_path):
