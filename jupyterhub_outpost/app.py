@@ -772,7 +772,7 @@ class JupyterHubOutpost(Application):
 
     ssh_recreate_forward = Dict(
         help="""Per hub: rebuild all its forwards with one call instead of one
-        per server.
+        per server (an older spelling of ``hub_api``'s ``system``).
 
         For each hub name: ``url`` (the hub's API, ``https://hub/hub/api``),
         ``token`` (an API token with the scope ``custom:sshnode:restart``) and
@@ -838,8 +838,69 @@ class JupyterHubOutpost(Application):
         """,
     ).tag(config=True)
 
+    hub_api = Dict(
+        help="""Per hub: the Outpost's own access to that hub's API, as a service
+        registered at the hub (see the how-to "Register the Outpost at a hub").
+        One place for everything the Outpost asks a hub on its own behalf.
+
+        For each hub name: ``url`` (the hub's API, ``https://hub/hub/api``) and
+        ``token`` (the service's API token), and what to use them for:
+
+        - ``housekeeping``: True, or ``{"interval": s, "grace": s}`` (defaults
+          300 and 600): periodically stop servers the hub no longer knows
+          (the token needs the scope ``custom:servers:list``);
+        - ``system``: the name the hub's OutpostSpawner gives this Outpost
+          (``user_options["system"]``): after a start of the Outpost, rebuild
+          all the hub's SSH forwards with one ``GET {url}/recreateforward/{system}``
+          instead of one setuptunnel call per server (scope
+          ``custom:sshnode:restart``)::
+
+            c.JupyterHubOutpost.hub_api = {
+                "hub-a": {"url": "https://hub-a.example.org/hub/api",
+                          "token": os.environ["HUB_A_OUTPOST_TOKEN"],
+                          "housekeeping": {"grace": 900}, "system": "cluster-1"},
+            }
+
+        ``hub_housekeeping`` and ``ssh_recreate_forward`` are older spellings of
+        the same, read as entries of this setting.
+
+        .. versionadded:: 0.3
+        """,
+    ).tag(config=True)
+
+    @validate("hub_api")
+    def _validate_hub_api(self, proposal):
+        for hub, settings in proposal.value.items():
+            if not isinstance(settings, dict) or not settings.get("url") or not settings.get("token"):
+                raise TraitError(f"hub_api[{hub!r}] needs a url and a token")
+            unknown = set(settings) - {"url", "token", "housekeeping", "system"}
+            if unknown:
+                raise TraitError(f"hub_api[{hub!r}] has unknown keys: {', '.join(sorted(unknown))}")
+            if not isinstance(settings.get("housekeeping", False), (bool, dict)):
+                raise TraitError(f"hub_api[{hub!r}]['housekeeping'] must be true, false or an object")
+        return proposal.value
+
+    def housekeeping_settings(self):
+        """``{hub: {url, token, interval, grace}}`` of the hubs to keep house for"""
+        found = {hub: dict(settings) for hub, settings in self.hub_housekeeping.items()}
+        for hub, settings in self.hub_api.items():
+            wanted = settings.get("housekeeping", False)
+            if wanted:
+                found[hub] = {"url": settings["url"], "token": settings["token"],
+                              **(wanted if isinstance(wanted, dict) else {})}  # fmt: skip
+        return found
+
+    def recreate_forward_settings(self):
+        """``{hub: {url, token, system}}`` of the hubs that rebuild forwards with one call"""
+        found = {hub: dict(settings) for hub, settings in self.ssh_recreate_forward.items()}
+        for hub, settings in self.hub_api.items():
+            if settings.get("system"):
+                found[hub] = {"url": settings["url"], "token": settings["token"], "system": settings["system"]}
+        return found
+
     hub_housekeeping = Dict(
-        help="""Per hub: periodically stop servers the hub no longer knows.
+        help="""Per hub: periodically stop servers the hub no longer knows
+        (an older spelling of ``hub_api``'s ``housekeeping``).
 
         For each hub name: ``url`` (the hub's API, ``https://hub/hub/api``),
         ``token`` (an API token with the scope ``custom:servers:list``, for the
@@ -1066,8 +1127,9 @@ class JupyterHubOutpost(Application):
                 if key in settings:
                     setattr(self, key, settings[key])
             self.log.info("Flavor configuration read from %s", self.flavor_config_file)
-        for name in (self.hub_housekeeping or {}):
-            secrets.add(self.hub_housekeeping[name].get("token"))
+        for settings in [*self.hub_housekeeping.values(), *self.hub_api.values(),
+                         *self.ssh_recreate_forward.values()]:  # fmt: skip
+            secrets.add(settings.get("token"))
         if self.flavors:
             self.log.info("Flavors: %s", ", ".join(flavors.sorted_names(self.flavors)))
 

@@ -204,7 +204,7 @@ class BackgroundWork(LoggingConfigurable):
     async def housekeeping(self):
         """Stop servers that a hub no longer knows (per hub, when configured)"""
         now = utcnow()
-        for hub, settings in self.app.hub_housekeeping.items():
+        for hub, settings in self.app.housekeeping_settings().items():
             interval = settings.get("interval", 300)
             last = self._last_housekeeping.get(hub)
             if last is not None and (now - last).total_seconds() < interval:

@@ -18,6 +18,7 @@ import sys
 import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy import inspect
+from traitlets import TraitError
 from traitlets.config import Config, PyFileConfigLoader
 
 from jupyterhub_outpost import crypto, dbutil, orm
@@ -656,3 +657,28 @@ c.Spawner.args = []
                                  method="DELETE")  # fmt: skip
     assert response.code == 200
     assert stop(outpost) == 0
+
+
+def test_a_hubs_api_access_is_one_setting_and_the_older_spellings_fold_into_it():
+    outpost = JupyterHubOutpost(
+        hub_api={
+            "hub-a": {"url": "https://a/hub/api", "token": "ta", "housekeeping": True, "system": "c1"},
+            "hub-b": {"url": "https://b/hub/api", "token": "tb", "housekeeping": {"grace": 5}},
+            "hub-c": {"url": "https://c/hub/api", "token": "tc"},
+        },
+        hub_housekeeping={"hub-d": {"url": "https://d/hub/api", "token": "td", "interval": 9}},
+        ssh_recreate_forward={"hub-d": {"url": "https://d/hub/api", "token": "td", "system": "c2"}},
+    )
+    assert outpost.housekeeping_settings() == {
+        "hub-a": {"url": "https://a/hub/api", "token": "ta"},
+        "hub-b": {"url": "https://b/hub/api", "token": "tb", "grace": 5},
+        "hub-d": {"url": "https://d/hub/api", "token": "td", "interval": 9},
+    }
+    assert outpost.recreate_forward_settings() == {
+        "hub-a": {"url": "https://a/hub/api", "token": "ta", "system": "c1"},
+        "hub-d": {"url": "https://d/hub/api", "token": "td", "system": "c2"},
+    }
+    for bad in ({"hub-a": {"url": "https://a"}}, {"hub-a": {"url": "u", "token": "t", "tokn": 1}},
+                {"hub-a": {"url": "u", "token": "t", "housekeeping": "yes"}}):  # fmt: skip
+        with pytest.raises(TraitError):
+            JupyterHubOutpost(hub_api=bad)
