@@ -861,6 +861,13 @@ class JupyterHubOutpost(Application):
                           "housekeeping": {"grace": 900}, "system": "cluster-1"},
             }
 
+        - ``oauth_client_id`` and ``oauth_redirect_uri`` (and ``hub_url``, the
+          hub as browsers reach it, default: ``url`` without ``/hub/api``):
+          the hub's admins sign in at ``/hub-status/<hub>/`` with their hub
+          accounts (OAuth, as JupyterHub's services do) and see that hub's
+          part of the status page. The redirect URI is
+          ``https://<outpost>/hub-status/<hub>/oauth_callback``.
+
         ``hub_housekeeping`` and ``ssh_recreate_forward`` are older spellings of
         the same, read as entries of this setting.
 
@@ -873,7 +880,8 @@ class JupyterHubOutpost(Application):
         for hub, settings in proposal.value.items():
             if not isinstance(settings, dict) or not settings.get("url") or not settings.get("token"):
                 raise TraitError(f"hub_api[{hub!r}] needs a url and a token")
-            unknown = set(settings) - {"url", "token", "housekeeping", "system"}
+            unknown = set(settings) - {"url", "token", "housekeeping", "system", "oauth_client_id",
+                                       "oauth_redirect_uri", "hub_url"}
             if unknown:
                 raise TraitError(f"hub_api[{hub!r}] has unknown keys: {', '.join(sorted(unknown))}")
             if not isinstance(settings.get("housekeeping", False), (bool, dict)):
@@ -1330,6 +1338,8 @@ class JupyterHubOutpost(Application):
             policy=self.policy,
             log=self.log,
             openapi=load_spec(),
+            # signs the cookies of the hub admins' sign-in (/hub-status/<hub>/)
+            cookie_secret=self.crypt.derived_secret("cookies"),
         )
 
     @catch_config_error

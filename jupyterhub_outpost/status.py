@@ -98,43 +98,46 @@ class StatusPage(LoggingConfigurable):
             return False
         return hmac.compare_digest((password or "").encode(), expected.encode())
 
-    async def model(self):
-        """What the page shows, read now"""
+    async def model(self, hub=None):
+        """What the page shows, read now (of one hub only, for its admins)"""
         app = self.app
         began = time.perf_counter()
         try:
             summary = await app.db.server_summary()
             history = app.server_manager.history
             last_hour = await history.counts_since(utcnow() - timedelta(hours=1))
-            failures = await history.of_hubs(outcome="failed", limit=self.recent_failures)
+            failures = await history.of_hubs(hub=hub, outcome="failed", limit=self.recent_failures)
             database = {"reachable": True, "seconds": time.perf_counter() - began, "error": ""}
         except Exception as e:
             summary, last_hour, failures = {}, {}, []
             database = {"reachable": False, "seconds": time.perf_counter() - began,
                         "error": secrets.scrub(str(e))[:300]}  # fmt: skip
-        hub_names = sorted(set(app.hub_credentials) | {hub for hub, _, _ in summary})
+        hub_names = sorted(set(app.hub_credentials) | {name for name, _, _ in summary})
+        if hub is not None:
+            hub_names = [hub]
         counts = {}
         for (_hub, flavor, state), count in summary.items():
             if state != "stopping":
                 counts[flavor] = counts.get(flavor, 0) + count
         hubs = []
-        for hub in hub_names:
+        for one in hub_names:
             states = {"pending": 0, "running": 0, "stopping": 0}
             for (name, _flavor, state), count in summary.items():
-                if name == hub:
+                if name == one:
                     states[state] += count
-            allowed = app.policy.hub_flavors(hub) if app.flavors else {}
+            allowed = app.policy.hub_flavors(one) if app.flavors else {}
             usage = flavors.usage_model(allowed, counts) if allowed else {}
             hubs.append({
-                "name": hub, **states,
+                "name": one, **states,
                 "flavors": [dict(entry, name=name) for name, entry in usage.items()],
-                "starts": sum(c for (h, _), c in last_hour.items() if h == hub),
-                "failures": sum(c for (h, o), c in last_hour.items() if h == hub and o == "failed"),
+                "starts": sum(c for (h, _), c in last_hour.items() if h == one),
+                "failures": sum(c for (h, o), c in last_hour.items() if h == one and o == "failed"),
             })  # fmt: skip
         background = app.background
         return {
             "version": __version__,
-            "process": app.process_owner,
+            # a hub's admins see their hub, not the Outpost's processes
+            "process": app.process_owner if hub is None else "",
             "lease": bool(background is not None and background.holds_lease),
             "database": database,
             "spawner": f"{app.spawner_class.__module__}.{app.spawner_class.__name__}",

@@ -2,10 +2,13 @@
 a role of exactly the scopes it uses, and that access in use: housekeeping
 stops a server the hub does not know and keeps the ones it does."""
 
+import http.cookies
 import json
 import os
+import re
 import secrets
 import shutil
+from urllib.parse import urlencode, urljoin
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
@@ -48,7 +51,12 @@ c.JupyterHub.services.append({{
     "url": "http://127.0.0.1:{outpost_port}",
     "api_token": "{token}",
     "display": False,
+    # the hub's admins sign in to their part of the Outpost's status page
+    "oauth_client_id": "service-{system}",
+    "oauth_redirect_uri": "http://127.0.0.1:{outpost_port}/hub-status/hub-a/oauth_callback",
+    "oauth_no_confirm": True,
 }})
+c.Authenticator.admin_users = {{"boss"}}
 c.JupyterHub.load_roles.append({{
     "name": "{system}",
     "services": ["{system}"],
@@ -60,7 +68,9 @@ OUTPOST_HUB_API = """
 c.JupyterHubOutpost.cleanup_interval = 1
 c.JupyterHubOutpost.hub_api = {{
     "hub-a": {{"url": "{api_url}", "token": "{token}", "system": "{system}",
-              "housekeeping": {{"interval": 1, "grace": 0}}}},
+              "housekeeping": {{"interval": 1, "grace": 0}},
+              "oauth_client_id": "service-{system}", "hub_url": "{hub_url}",
+              "oauth_redirect_uri": "http://127.0.0.1:{outpost_port}/hub-status/hub-a/oauth_callback"}},
 }}
 """
 
@@ -77,7 +87,8 @@ async def registered(tmp_path_factory):
         f.write(REGISTRATION.format(system=SYSTEM, outpost_port=outpost.port, token=token))
     with open(outpost.config_path, "w") as f:
         f.write(OUTPOST_CONFIG.format(workdir=outpost_dir, db_url=new_db_url(outpost_dir)))
-        f.write(OUTPOST_HUB_API.format(api_url=hub.api_url, token=token, system=SYSTEM))
+        f.write(OUTPOST_HUB_API.format(api_url=hub.api_url, token=token, system=SYSTEM, hub_url=hub.url,
+                                       outpost_port=outpost.port))  # fmt: skip
     outpost.start("--log-level=DEBUG")
     hub.start()
     yield hub, outpost, token
@@ -132,3 +143,72 @@ async def test_housekeeping_through_the_registration_keeps_what_the_hub_knows(re
     await stop_server(hub, "kim", "lab")
     await wait_until(lambda: not pids_with_env("JUPYTERHUB_SERVICE_PREFIX", "/user/kim/lab/"),
                      timeout=30, message="the server ended")  # fmt: skip
+
+
+class Browser:
+    """Requests with the cookies a browser keeps, redirects followed by hand"""
+
+    def __init__(self):
+        self.cookies = {}
+
+    async def get(self, url, method="GET", body=None, headers=None):
+        request = HTTPRequest(
+            url, method=method, body=body, follow_redirects=False, request_timeout=30,
+            headers={**(headers or {}), "Cookie": "; ".join(f"{k}={v}" for k, v in self.cookies.items())},
+        )  # fmt: skip
+        response = await AsyncHTTPClient().fetch(request, raise_error=False)
+        for header in response.headers.get_list("Set-Cookie"):
+            jar = http.cookies.SimpleCookie()
+            jar.load(header)
+            for name, morsel in jar.items():
+                if morsel["max-age"] == "0" or not morsel.value:
+                    self.cookies.pop(name, None)
+                else:
+                    self.cookies[name] = morsel.value
+        return response
+
+    async def follow(self, url, limit=10):
+        """GET ``url`` and the redirects after it; the last answer"""
+        for _ in range(limit):
+            response = await self.get(url)
+            if response.code not in (301, 302, 303, 307):
+                return response
+            url = urljoin(url, response.headers["Location"])
+        raise AssertionError("too many redirects")
+
+
+async def sign_in_at_hub(hub, name):
+    """A browser signed in at the hub as ``name`` (the dummy authenticator)"""
+    browser = Browser()
+    form = await browser.get(f"{hub.url}/hub/login")
+    xsrf = re.search(r'name="_xsrf" value="([^"]+)"', form.body.decode()).group(1)
+    response = await browser.get(f"{hub.url}/hub/login", method="POST",
+                                 body=urlencode({"username": name, "password": "x", "_xsrf": xsrf}),
+                                 headers={"Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
+    assert response.code == 302, response.code
+    return browser
+
+
+async def test_a_hub_admin_signs_in_with_the_hub_and_sees_that_hub_only(registered):
+    hub, outpost, _token = registered
+    await create_users(hub, "boss", "pleb")
+    page = f"http://127.0.0.1:{outpost.port}/hub-status/hub-a/"
+
+    # not signed in: off to the hub's OAuth
+    first = await Browser().get(page)
+    assert first.code == 302 and first.headers["Location"].startswith(f"{hub.url}/hub/api/oauth2/authorize")
+
+    boss = await sign_in_at_hub(hub, "boss")
+    response = await boss.follow(page)
+    assert response.code == 200, response.body[:500]
+    html = response.body.decode()
+    assert 'id="hub-hub-a"' in html and 'id="hub-hub-b"' not in html
+    assert "process " not in html.split("<h2>", 1)[0]
+
+    pleb = await sign_in_at_hub(hub, "pleb")
+    refused = await pleb.follow(page)
+    assert refused.code == 403
+
+    # another hub's page has no sign-in here, and the operators' page stays closed
+    assert (await boss.get(f"http://127.0.0.1:{outpost.port}/hub-status/hub-b/")).code == 404
+    assert (await boss.get(f"http://127.0.0.1:{outpost.port}/")).code == 401

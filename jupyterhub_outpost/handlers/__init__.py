@@ -1,7 +1,7 @@
 """HTTP handlers of the Outpost's REST API"""
 
-from . import flavors, health, history, metrics, services, spec, status
+from . import flavors, health, history, hubstatus, metrics, services, spec, status
 
 default_handlers = []
-for _mod in (services, history, flavors, health, metrics, spec, status):
+for _mod in (services, history, flavors, health, metrics, spec, hubstatus, status):
     default_handlers.extend(_mod.default_handlers)
