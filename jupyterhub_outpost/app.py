@@ -468,6 +468,31 @@ class JupyterHubOutpost(Application):
         """,
     ).tag(config=True)
 
+    server_output_dir = Unicode(
+        "outpost-server-output",
+        help="""Directory where the output of LocalProcessSpawner servers is kept,
+        one file per start (``<hub>/<name>~<start_id>.log``, 0600, in 0700
+        folders), removed when the server stops. Its last lines tell the user
+        why a server ended right after its start (``early_exit_window``).
+        Not used when ``c.Spawner.popen_kwargs`` sets ``stdout`` or ``stderr``.
+        Default: ``outpost-server-output`` in the working directory.
+
+        .. versionadded:: 0.3
+        """,
+    ).tag(config=True)
+
+    early_exit_window = Float(
+        20,
+        help="""Seconds after a start during which the Outpost polls the new
+        server each second. If it ends meanwhile, the hub is sent a failed
+        progress event with its exit status and last output lines, so the
+        user sees why at once instead of waiting for the hub's timeout.
+        0 turns the watch off. Default: 20.
+
+        .. versionadded:: 0.3
+        """,
+    ).tag(config=True)
+
     concurrent_bookkeeping = Integer(
         8,
         help="""How many starts and stops at a time do the Outpost's own work

@@ -32,6 +32,7 @@ from .errors import (
     StopFailedError,
 )
 from . import certs
+from .earlyexit import EarlyExitWatch
 from .history import StartHistory
 from .log import secrets
 from .metrics import observed
@@ -84,6 +85,7 @@ class ManagedServer:
         self.stop_call = None  # a stop() running in a thread
         self.log_name = "{}/{}/{}".format(*record.key)
         self.events = []  # the progress events of its start, for the history
+        self.output_path = None  # where the server's output goes, when the Outpost keeps it
 
     @property
     def env(self):
@@ -161,6 +163,7 @@ class ServerManager(LoggingConfigurable):
         )
         self.calls = SpawnerCalls(app.spawner_threads)
         self.history = StartHistory(self.db, app.history_retention_days, app.history_per_user)
+        self.early_exits = EarlyExitWatch(self, app.early_exit_window, localprocess.output_tail)
         self.keepers = StateKeepers(self.db, self.log)
         # called with the record of each server this process forgets
         self.forget_callbacks = []
@@ -322,6 +325,7 @@ class ServerManager(LoggingConfigurable):
             await self.calls.call(spawner.run_pre_spawn_hook)
             if certs:
                 await self._install_certs(managed, certs, trust_bundles)
+            await self._capture_output(managed)
             start_future = asyncio.ensure_future(self.calls.submit(spawner.start))
             spawner._spawn_future = start_future
             if self.policy.events_enabled(managed.record.hub):
@@ -347,7 +351,10 @@ class ServerManager(LoggingConfigurable):
             if not done:
                 raise _StopRequested()
             await self._record_history(self.history.end_start, managed.record.key, "ready", managed.events)
-            managed.events = []
+            if self.app.early_exit_window > 0:
+                self.early_exits.watch(managed)  # it forgets the events when done
+            else:
+                managed.events = []
             managed.release_memory()
             self.log.info("%s - started at %s", managed.log_name, service or "(address follows)")
             self._after_change(managed)
@@ -378,6 +385,7 @@ class ServerManager(LoggingConfigurable):
             raise StartFailedError(e) from e
         finally:
             spawner._spawn_pending = False
+            localprocess.release_output(spawner)
             if managed.keeper is not None:
                 await self._end_keeper(managed)
             if forwarder is not None and not forwarder.done():
@@ -453,8 +461,23 @@ class ServerManager(LoggingConfigurable):
             return
         await self._forget(managed)
 
+    async def _capture_output(self, managed):
+        """Keep the server's output in a file of its own, where the Spawner allows"""
+        if not localprocess.keeps_output(managed.spawner):
+            return
+        loop = asyncio.get_running_loop()
+        opening = partial(localprocess.open_output, self.app.server_output_dir, managed.record.key)
+        try:
+            fd, managed.output_path = await loop.run_in_executor(None, opening)
+        except (OSError, ValueError) as e:
+            self.log.warning("%s - the server's output is not kept: %s", managed.log_name, e)
+            return
+        localprocess.use_output(managed.spawner, fd)
+
     async def _forget(self, managed):
         await self._remove_certs(managed)
+        output = localprocess.output_file(self.app.server_output_dir, managed.record.key)
+        await asyncio.get_running_loop().run_in_executor(None, _remove_file, output)
         await self.db.delete_server(managed.record.id)
         if self.active.get(managed.record.key) is managed:
             del self.active[managed.record.key]
@@ -721,7 +744,15 @@ class ServerManager(LoggingConfigurable):
         pending += [m.start_task for m in self.active.values() if m.start_task and not m.start_task.done()]
         if pending:
             await asyncio.wait(pending, timeout=timeout)
+        await self.early_exits.stop()
         self.calls.shutdown()
+
+
+def _remove_file(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _merge_env(spawner, hub_env):

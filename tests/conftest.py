@@ -134,6 +134,7 @@ def outpost_config(workdir, spawner_cmd=None, **overrides):
     cfg.JupyterHubOutpost.crypt_keys = [Fernet.generate_key().decode()]
     cfg.JupyterHubOutpost.spawner_class = "jupyterhub.spawner.SimpleLocalProcessSpawner"
     cfg.JupyterHubOutpost.internal_certs_location = str(workdir / "certs")
+    cfg.JupyterHubOutpost.server_output_dir = str(workdir / "output")
     cfg.SimpleLocalProcessSpawner.home_dir_template = str(workdir / "home-{username}")
     cfg.Spawner.ip = "127.0.0.1"
     cfg.Spawner.start_timeout = 60

@@ -126,3 +126,23 @@ async def test_retention_forgets_old_starts(tmp_path, fake_hub):
 
 async def _gone(outpost, body):
     return (await events_of(outpost, body)).code == 404
+
+
+async def test_a_server_that_ends_right_after_its_start_is_kept_as_failed_with_its_output(kept, fake_hub):
+    dies = ["sh", "-c", "echo 'ModuleNotFoundError: No module named jupyterlab' >&2; exit 3"]
+    body = start_body(fake_hub.url, user="hal", name="dies", misc={"cmd": dies})
+    fake_hub.tokens.add(body["env"]["JUPYTERHUB_API_TOKEN"])  # the hub takes its events
+    response = await api_request(kept, "services", method="POST", body=body)
+    assert response.code == 200  # the process ran: the start itself succeeded
+
+    async def failed():
+        found = json_of(await events_of(kept, body))
+        return found if found["outcome"] == "failed" else None
+
+    found = await wait_until(failed, timeout=15, message="the early end in the history")
+    assert "exited with status 3" in found["reason"]
+    assert "No module named jupyterlab" in found["reason"]
+    # the hub was told at once, in the server's own words
+    told = [c for c in fake_hub.received if c["kind"] == "event" and "No module named jupyterlab" in str(c["body"])]
+    assert told
+    await api_request(kept, "services", "dies", body["user_options"]["start_id"], method="DELETE")
