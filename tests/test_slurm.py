@@ -16,14 +16,14 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient
 
 from .conftest import start_outpost, stop_outpost
-from .slurm import (  # noqa: F401
+from . import slurm
+from .slurm import (
     REPO,
     cancel,
     job_script,
     job_state,
     requires_slurm,
     run,
-    slurm_cluster,
     slurm_outpost_config,
     submit_blocker,
 )
@@ -37,6 +37,9 @@ from .utils import (
     wait_until,
 )
 
+# the session's one-node cluster (a fixture of tests/slurm.py)
+slurm_cluster = slurm.slurm_cluster
+
 pytestmark = [requires_slurm, database_independent, pytest.mark.slurm]
 
 SWITCH = os.path.join(REPO, "tests", "squeue_switch.sh")
@@ -45,7 +48,7 @@ SLEEPER = ["/bin/sh", "-c", "exec sleep 600"]
 
 
 @pytest.fixture(scope="module")
-async def outpost(tmp_path_factory, slurm_cluster, fake_hub):  # noqa: F811
+async def outpost(tmp_path_factory, slurm_cluster, fake_hub):
     workdir = tmp_path_factory.mktemp("slurm-outpost")
     switch_dir = workdir / "squeue"
     switch_dir.mkdir()
@@ -305,3 +308,21 @@ async def test_one_squeue_per_interval_serves_the_polls_of_all_servers(outpost, 
     await asyncio.gather(*(stop(outpost, b, client=client) for b in bodies))
     client.close()
     assert run("squeue", "-h", "-o", "%i").stdout.split() == []
+
+
+async def test_port_reports_need_the_token_of_a_waiting_start(outpost, fake_hub):
+    async def report(token, body):
+        headers = {"Authorization": f"token {token}"} if token else {}
+        return await api_request(outpost, "batchspawner", method="POST", auth=False,
+                                 headers=headers, body=body)  # fmt: skip
+
+    assert (await report("no-such-token", {"port": 1234})).code == 404
+    assert (await report("", {"port": 1234})).code == 404
+    assert (await report("tok", {"port": "1234"})).code == 400
+    assert (await report("tok", {"port": 70000})).code == 400
+    # a server that runs already: its token no longer reports
+    body = new_body(fake_hub, name="reported", misc={"cmd": SLEEPER})
+    assert (await start(outpost, body)).code == 200
+    response = await report(body["env"]["JUPYTERHUB_API_TOKEN"], {"port": 1234})
+    assert response.code == 404, response.body
+    assert (await stop(outpost, body)).code == 200

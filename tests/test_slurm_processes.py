@@ -13,7 +13,8 @@ import shutil
 import pytest
 
 from .hub import JupyterHubProcess
-from .slurm import job_state, requires_slurm, run, slurm_cluster, slurm_process_config  # noqa: F401
+from . import slurm
+from .slurm import job_state, requires_slurm, run, slurm_process_config
 from .utils import (
     HUB_CREDENTIALS,
     OutpostProcess,
@@ -28,13 +29,16 @@ from .utils import (
     wait_until,
 )
 
+# the session's one-node cluster (a fixture of tests/slurm.py)
+slurm_cluster = slurm.slurm_cluster
+
 pytestmark = [requires_slurm, pytest.mark.slurm, pytest.mark.slow]
 
 HOLD = "outpost-test-hold"
 
 
 @pytest.fixture
-def slurm_outposts(slurm_cluster):  # noqa: F811
+def slurm_outposts(slurm_cluster):
     made = []
 
     def make(workdir, **traits):
@@ -50,7 +54,7 @@ def slurm_outposts(slurm_cluster):  # noqa: F811
 
 
 @pytest.fixture
-def hold_node(slurm_cluster):  # noqa: F811
+def hold_node(slurm_cluster):
     """Call to hold the node for maintenance: new jobs wait, running jobs go on"""
 
     def hold():
