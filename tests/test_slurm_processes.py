@@ -9,12 +9,13 @@ import asyncio
 import os
 import re
 import shutil
+import sys
 
 import pytest
 
 from .hub import JupyterHubProcess
 from . import slurm
-from .slurm import job_state, requires_slurm, run, slurm_process_config
+from .slurm import REPO, job_state, requires_slurm, run, slurm_process_config
 from .utils import (
     HUB_CREDENTIALS,
     OutpostProcess,
@@ -37,14 +38,44 @@ pytestmark = [requires_slurm, pytest.mark.slurm, pytest.mark.slow]
 HOLD = "outpost-test-hold"
 
 
+EXAMPLE = os.path.join(REPO, "share", "jupyterhub-outpost", "outpost_config_slurm.py")
+
+# the example configuration, with what differs on the test machine
+EXAMPLE_CONFIG = """
+c = get_config()  # noqa
+load_subconfig({example!r})
+c.JupyterHubOutpost.db_url = {db_url!r}
+# jobs run as root here
+c.JupyterHubOutpost.min_account_uid = 0
+c.JupyterHubOutpost.denied_accounts = []
+c.JupyterHubOutpost.account_name_template = "root"
+c.OutpostSlurmSpawner.req_homedir = {home!r}
+c.Spawner.args = ["--ServerApp.allow_root=True"]
+# loopback only, and quick queue reads
+c.OutpostSlurmSpawner.ip = "127.0.0.1"
+c.OutpostSlurmSpawner.squeue_interval = 1
+c.OutpostSlurmSpawner.squeue_busy_interval = 0.2
+"""
+
+
 @pytest.fixture
 def slurm_outposts(slurm_cluster):
+    """OutpostProcess factory: the tests' Slurm config, or with ``example`` the
+    one in share/ (jupyterhub-singleuser found on PATH, as an operator sets it up)"""
     made = []
 
-    def make(workdir, **traits):
+    def make(workdir, example=False, **traits):
         os.makedirs(workdir, exist_ok=True)
-        config = slurm_process_config(workdir, new_db_url(workdir), **traits)
-        process = OutpostProcess(workdir, config, extra_env=process_env())
+        env = process_env()
+        if example:
+            home = os.path.join(str(workdir), "home")
+            os.makedirs(home, exist_ok=True)
+            config = EXAMPLE_CONFIG.format(example=EXAMPLE, db_url=new_db_url(workdir), home=home)
+            env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
+            env["OUTPOST_IP"] = "127.0.0.1"
+        else:
+            config = slurm_process_config(workdir, new_db_url(workdir), **traits)
+        process = OutpostProcess(workdir, config, extra_env=env)
         made.append(process)
         return process
 
@@ -138,8 +169,8 @@ async def code_is(outpost, path, code):
     shutil.which("configurable-http-proxy") is None and not os.environ.get("CI"),
     reason="configurable-http-proxy (npm) is not installed",
 )
-async def test_hub_journey_to_a_server_that_runs_as_a_slurm_job(tmp_path, slurm_outposts):
-    outpost = slurm_outposts(tmp_path / "outpost")
+async def test_hub_journey_to_a_slurm_job_with_the_example_config(tmp_path, slurm_outposts):
+    outpost = slurm_outposts(tmp_path / "outpost", example=True)
     await asyncio.to_thread(outpost.start)
     hub = JupyterHubProcess(tmp_path / "hub", f"http://127.0.0.1:{outpost.port}/services/",
                             "hub-a", HUB_CREDENTIALS["hub-a"], poll_interval_ms=1000)  # fmt: skip
