@@ -231,11 +231,13 @@ async def test_values_that_would_change_the_batch_script_are_refused(outpost, fa
             response = await start(outpost, body)
             assert response.code == 419, (setting, value, response.body)
             assert setting in json_of(response)["args"][0], (setting, json_of(response)["args"])
-    # the user name: refused before anything runs, as the account it names
+    # the user name: the request itself is refused (the name also names the
+    # account and the folders of the server), before any policy or script
     for template in INJECTIONS:
         body = new_body(fake_hub, name="inject", user=template.format(marker=marker))
         response = await start(outpost, body)
-        assert response.code in (400, 419), response.body
+        assert response.code == 400, response.body
+        assert "JUPYTERHUB_USER" in json_of(response)["message"]
     jobs_after = run("squeue", "-h", "-t", "all", "-o", "%i").stdout.split()
     assert set(jobs_after) <= set(jobs_before), "a job was submitted"
     assert not marker.exists()
@@ -326,3 +328,18 @@ async def test_port_reports_need_the_token_of_a_waiting_start(outpost, fake_hub)
     response = await report(body["env"]["JUPYTERHUB_API_TOKEN"], {"port": 1234})
     assert response.code == 404, response.body
     assert (await stop(outpost, body)).code == 200
+
+
+async def test_a_job_that_slurm_no_longer_knows_has_ended(outpost, fake_hub):
+    body = new_body(fake_hub, name="forgotten", misc={"cmd": SLEEPER})
+    assert (await start(outpost, body)).code == 200
+    spawner = managed(outpost, body).spawner
+    real_job = spawner.job_id
+    # as once Slurm purged a finished job (MinJobAge): squeue answers
+    # "Invalid job id", and sacct has no accounting to ask on this cluster
+    spawner.job_id = "99999999"
+    try:
+        await wait_until(lambda: poll_is(outpost, body, {"status": 1}), timeout=10,
+                         message="reported ended")  # fmt: skip
+    finally:
+        cancel(real_job)

@@ -29,6 +29,7 @@ _PATH_RE = re.compile(r"^/[A-Za-z0-9_.@+/-]*\Z")
 # words of plain characters separated by single spaces (options, commands)
 _WORDS_RE = re.compile(r"^[A-Za-z0-9_.,:=+/@%-]+( [A-Za-z0-9_.,:=+/@%-]+)*\Z")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+_ENV_NAMES_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(,[A-Za-z_][A-Za-z0-9_]*)*\Z")
 
 # place of a req_* value -> (pattern, what it admits)
 PLACES = {
@@ -47,6 +48,8 @@ PLACES = {
     "host": (_HOST_RE, "a host name"),
     "homedir": (_PATH_RE, "an absolute path of letters, digits and '_.@+/-'"),
     "username": (ACCOUNT_NAME_RE, "an account name (letters, digits, '_.@+-')"),
+    "keepvars": (_ENV_NAMES_RE, "environment variable names, comma separated"),
+    "keepvars_extra": (_ENV_NAMES_RE, "environment variable names, comma separated"),
 }
 
 

@@ -38,8 +38,9 @@ from traitlets import Float, Integer, List, Unicode, default
 from . import batchcallback, batchscript
 from .slurmqueue import GONE, SlurmUnavailableError, run_command, shared_queue
 
-# req_* traits that are derived, not set: checked through what they come from
-_DERIVED = ("keepvars", "keepvars_extra")
+# req_* traits computed when first read (from the account, from get_env()):
+# read before the start, they would keep values from before the hub's env
+_COMPUTED = ("keepvars", "username", "homedir")
 
 
 class SlurmJobError(RuntimeError):
@@ -174,10 +175,11 @@ class OutpostSlurmSpawner(SlurmSpawner):
     def _script_values(self):
         values = {}
         for name in self.trait_names():
-            if name.startswith("req_") and name[4:] not in _DERIVED:
-                if name in ("req_username", "req_homedir") and not self._trait_values.get(name):
-                    continue  # computed from the account: checked once computed
-                values[name[4:]] = getattr(self, name)
+            if not name.startswith("req_"):
+                continue
+            if name[4:] in _COMPUTED and name not in self._trait_values:
+                continue  # not set: computed from the account or the env when used
+            values[name[4:]] = getattr(self, name)
         return values
 
     def check_script_values(self):
@@ -249,7 +251,7 @@ class OutpostSlurmSpawner(SlurmSpawner):
             self.timings["outpost"] = submitted - self._created
             self.timings["sbatch"] = time.monotonic() - submitted
             self._event(40, f"Slurm: submitted batch job {self.job_id}")
-            self.db.commit()  # the job id is stored now, not once the server is up
+            self._store_state()  # the job id is stored now, not once the server is up
             port = await self._wait_for_port(report)
         except BaseException:
             if self.job_id:
@@ -258,9 +260,14 @@ class OutpostSlurmSpawner(SlurmSpawner):
         finally:
             batchcallback.forget(self.api_token, report)
         self.port = port
-        self.db.commit()
+        self._store_state()
         self._event(90, f"Slurm: the server of job {self.job_id} listens on {self.ip}:{port}")
         return self.ip, port
+
+    def _store_state(self):
+        """Have the Outpost store get_state() now (its stand-in for the hub's db)"""
+        db = getattr(self, "_deprecated_db_session", None)  # what the Outpost passes
+        (db if db is not None else self.db).commit()
 
     async def submit_batch_script(self):
         subvars = self.get_req_subvars()
