@@ -262,6 +262,10 @@ class OutpostSlurmSpawner(SlurmSpawner):
         self.port = port
         self._store_state()
         self._event(90, f"Slurm: the server of job {self.job_id} listens on {self.ip}:{port}")
+        self.log.info(
+            "%s: job %s up after sbatch %.2f s, queue %.2f s, server start %.2f s", self._log_name,
+            self.job_id, self.timings["sbatch"], self.timings.get("queue", 0), self.timings["server"],
+        )  # fmt: skip
         return self.ip, port
 
     def _store_state(self):
