@@ -62,7 +62,7 @@ def spawner_settings(workdir, **traits):
         "start_timeout": 60,
     }
     settings.update(traits)
-    return settings
+    return {name: value for name, value in settings.items() if value is not None}
 
 
 def slurm_outpost_config(workdir, **spawner_traits):
@@ -96,6 +96,14 @@ def slurm_process_config(workdir, db_url, **spawner_traits):
     for name, value in spawner_settings(workdir, **spawner_traits).items():
         lines.append(f"c.OutpostSlurmSpawner.{name} = {value!r}")
     return "\n".join(lines) + "\n"
+
+
+def ensure_user(name):
+    """A local account (uid >= 1000, with a home) that jobs can run as"""
+    if run("id", "-u", name).returncode != 0:
+        result = run("useradd", "--create-home", "--shell", "/bin/bash", name)
+        assert result.returncode == 0, result.stderr
+    return name
 
 
 def run(*argv):

@@ -20,6 +20,7 @@ from . import slurm
 from .slurm import (
     REPO,
     cancel,
+    ensure_user,
     job_script,
     job_state,
     requires_slurm,
@@ -43,6 +44,8 @@ slurm_cluster = slurm.slurm_cluster
 pytestmark = [requires_slurm, database_independent, pytest.mark.slurm]
 
 SWITCH = os.path.join(REPO, "tests", "squeue_switch.sh")
+# the port reporter needs the standard library only: any Python runs it
+REPORTER = os.path.join(REPO, "jupyterhub_outpost", "spawners", "slurmjob.py")
 # a light server: reports its port, then only sleeps (args become $0)
 SLEEPER = ["/bin/sh", "-c", "exec sleep 600"]
 
@@ -343,3 +346,37 @@ async def test_a_job_that_slurm_no_longer_knows_has_ended(outpost, fake_hub):
                          message="reported ended")  # fmt: skip
     finally:
         cancel(real_job)
+
+
+async def test_jobs_run_as_the_users_own_accounts(tmp_path, slurm_cluster, fake_hub):
+    user = ensure_user("outposthpc")
+    cfg = slurm_outpost_config(
+        tmp_path, exec_prefix="runuser -u {username} --", req_homedir=None, cmd=SLEEPER,
+        # the Outpost's Python lives below root's home here; the system's runs the reporter
+        batchspawner_singleuser_cmd=f"/usr/bin/python3 {REPORTER}",
+    )  # fmt: skip
+    cfg.JupyterHubOutpost.account_name_template = "{username}"
+    cfg.JupyterHubOutpost.min_account_uid = 1000
+    cfg.JupyterHubOutpost.denied_accounts = ["root"]
+    outpost = await start_outpost(cfg)
+    try:
+        body = new_body(fake_hub, user=user, name="own")
+        response = await start(outpost, body)
+        assert response.code == 200, response.body
+        job_id = managed(outpost, body).spawner.job_id
+        assert run("squeue", "-h", "-j", job_id, "-o", "%u").stdout.strip() == user
+        log = f"/home/{user}/jupyterhub_slurmspawner_{job_id}.log"
+        assert os.stat(log).st_uid == int(run("id", "-u", user).stdout)
+        assert json_of(await poll(outpost, body)) == {"status": None}
+        assert (await stop(outpost, body)).code == 200  # scancel as the user
+        await wait_job_ended(job_id, timeout=10)
+        # a failed job's output is read as its user
+        body = new_body(fake_hub, user=user, name="own", misc={"batchspawner_singleuser_cmd": "/no/such/x"})
+        response = await start(outpost, body)
+        assert response.code == 419, response.body
+        assert "/no/such/x: No such file or directory" in json_of(response)["args"][0]
+        # root is refused as an account, before anything is submitted
+        response = await start(outpost, new_body(fake_hub, user="root", name="own"))
+        assert response.code == 419 and "root" in json_of(response)["args"][0], response.body
+    finally:
+        await stop_outpost(outpost)
