@@ -1,8 +1,8 @@
 """HTTP handlers of the Outpost's REST API"""
 
 from ..spawners import batchcallback
-from . import flavors, health, services, spec
+from . import flavors, health, history, metrics, services, spec, status
 
 default_handlers = []
-for _mod in (services, flavors, health, spec, batchcallback):
+for _mod in (services, history, flavors, health, metrics, spec, status, batchcallback):
     default_handlers.extend(_mod.default_handlers)
