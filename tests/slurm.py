@@ -123,19 +123,7 @@ def job_script(job_id):
     return result.stdout
 
 
-def jobs_with_token(token):
-    """Ids of the jobs whose environment carries this API token (pending or running)"""
-    result = run("squeue", "-h", "-o", "%i")
-    ids = []
-    for job_id in result.stdout.split():
-        shown = run("scontrol", "show", "job", "-d", job_id)
-        env = run("scontrol", "write", "batch_script", job_id, "-")
-        if token in shown.stdout or token in env.stdout:
-            ids.append(job_id)
-    return ids
-
-
-def submit_blocker(cpus="all", minutes=2):
+def submit_blocker(minutes=2):
     """A job holding the node (``--exclusive``): jobs submitted after it wait"""
     result = run("sbatch", "--parsable", "--exclusive", f"--time={minutes}",
                  "--job-name=blocker", "--output=/dev/null", "--wrap", "sleep 300")  # fmt: skip
