@@ -65,8 +65,10 @@ setup(
             "schemathesis>=4",
             "jupyterhub-outpostspawner==2.2.13",
             "psycopg[binary]>=3.1",
+            "batchspawner==1.3.0",
         ],
         "postgres": ["psycopg[binary]>=3.1"],
+        "slurm": ["batchspawner>=1.3,<1.4"],
     },
     entry_points={
         "console_scripts": ["jupyterhub-outpost = jupyterhub_outpost.app:main"],
