@@ -73,8 +73,10 @@ def output_file(base, key):
 def keeps_output(spawner):
     """Whether the Outpost keeps this server's output: a LocalProcessSpawner
     whose ``popen_kwargs`` do not say where it goes"""
-    kwargs = spawner.popen_kwargs or {} if isinstance(spawner, LocalProcessSpawner) else None
-    return kwargs is not None and "stdout" not in kwargs and "stderr" not in kwargs
+    if not isinstance(spawner, LocalProcessSpawner):
+        return False
+    kwargs = spawner.popen_kwargs or {}
+    return "stdout" not in kwargs and "stderr" not in kwargs
 
 
 def open_output(base, key):
@@ -101,6 +103,8 @@ def use_output(spawner, fd):
 
 def release_output(spawner):
     """Close the Outpost's copy of the output file once the server has its own"""
+    if not isinstance(spawner, LocalProcessSpawner):
+        return
     fd = (spawner.popen_kwargs or {}).get("stdout")
     if isinstance(fd, int) and spawner.popen_kwargs.get("stderr") == subprocess.STDOUT:
         kwargs = dict(spawner.popen_kwargs)
