@@ -27,7 +27,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from traitlets import Bool, Float, List, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
@@ -57,6 +57,10 @@ OUTCOMES = {
     "poll": ("running", "ended", "unknown", "not_found"),
     "stop": ("success", "failure"),
 }
+
+
+def _uses_slurm(spawner_class):
+    return any(cls.__name__ == "OutpostSlurmSpawner" for cls in getattr(spawner_class, "__mro__", ()))
 
 
 def refusal_reason(error):
@@ -154,6 +158,28 @@ class _ServersCollector:
         )
         age.add_metric([], time.monotonic() - self.metrics.summary_time if self.metrics.summary_time else -1)
         yield age
+
+
+class _SlurmCollector:
+    """Slurm's shared queue, when Slurm servers run in this process"""
+
+    def collect(self):
+        from .spawners import slurmqueue
+
+        queues = slurmqueue.queues()
+        calls = CounterMetricFamily(f"{PREFIX}_squeue_calls", "squeue invocations (all servers share them)")
+        failures = CounterMetricFamily(f"{PREFIX}_squeue_failures",
+                                       "Refreshes of the shared queue that failed (polls answered 503)")  # fmt: skip
+        jobs = GaugeMetricFamily(f"{PREFIX}_slurm_jobs", "Slurm jobs the shared queue follows")
+        age = GaugeMetricFamily(f"{PREFIX}_squeue_snapshot_age_seconds",
+                                "Seconds since the queue was last read (-1: not yet)")  # fmt: skip
+        now = time.monotonic()
+        calls.add_metric([], sum(q.calls for q in queues))
+        failures.add_metric([], sum(q.failures for q in queues))
+        jobs.add_metric([], sum(len(q.tracked) for q in queues))
+        snapshots = [q.snapshot_time for q in queues if q.snapshot_time is not None]
+        age.add_metric([], now - max(snapshots) if snapshots else -1)
+        yield from (calls, failures, jobs, age)
 
 
 class OutpostMetrics(LoggingConfigurable):
@@ -275,6 +301,8 @@ class OutpostMetrics(LoggingConfigurable):
         spawner = app.spawner_class
         info.labels(__version__, f"{spawner.__module__}.{spawner.__name__}").set(1)
         registry.register(_ServersCollector(self))
+        if _uses_slurm(app.spawner_class):
+            registry.register(_SlurmCollector())
         # every series present from the start, at 0: rate() and increase()
         # need a first sample, and an alert on a series that never existed is silent
         for hub in app.hub_credentials:

@@ -282,6 +282,24 @@ async def test_squeue_failures_answer_503_and_keep_the_server(outpost, fake_hub)
     # a job that ended is a status, not a guess: scancel behind the Outpost's back
     cancel(job_id)
     await wait_until(lambda: poll_is(outpost, body, {"status": 1}), timeout=15, message="status 1")
+    # what an operator's Prometheus sees of it
+    found = scraped(outpost)
+    assert found["jupyterhub_outpost_squeue_failures_total"] >= 2
+    assert found["jupyterhub_outpost_squeue_calls_total"] >= found["jupyterhub_outpost_squeue_failures_total"]
+    assert found['jupyterhub_outpost_polls_total{hub="hub-a",outcome="unknown"}'] >= 2
+
+
+def scraped(outpost):
+    """The Outpost's metrics as ``{name{labels}: value}``"""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found = {}
+    for family in text_string_to_metric_families(generate_latest(outpost.metrics.registry).decode()):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            found[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return found
 
 
 async def poll_code(outpost, body, code):

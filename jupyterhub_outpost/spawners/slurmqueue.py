@@ -141,7 +141,8 @@ class SlurmQueue:
         self.covered = set()  # job ids the last successful snapshot asked for
         self.snapshot_time = None  # monotonic start of the last successful squeue
         self.error = None  # why the last refresh failed, None if it worked
-        self.calls = 0  # squeue invocations (for tests and benchmarks)
+        self.calls = 0  # squeue invocations (for tests, benchmarks and metrics)
+        self.failures = 0  # refreshes that could not read the queue
         self._busy = 0  # starts and stops waiting for a job
         self._wake = asyncio.Event()
         self._refreshed = asyncio.get_running_loop().create_future()
@@ -222,6 +223,7 @@ class SlurmQueue:
             jobs = await self._read(asked)
         except SlurmUnavailableError as e:
             self.error = str(e)
+            self.failures += 1
             log.warning("Slurm's queue cannot be read: %s", e)
         else:
             if self.error is not None:
@@ -296,3 +298,8 @@ def shared_queue(squeue, interval, busy_interval, timeout):
     if queue is None:
         queue = by_settings[key] = SlurmQueue(squeue, interval, busy_interval, timeout)
     return queue
+
+
+def queues():
+    """Every SlurmQueue of this process (for the metrics)"""
+    return [queue for by_settings in list(_queues.values()) for queue in by_settings.values()]
