@@ -58,6 +58,15 @@ class StartHistory:
         return await self.db._run(self._begin, server_id)
 
     def _begin(self, connection, server_id):
+        # a start id used again (a hub's choice) starts its row anew
+        key = select(Server.hub_id, Server.name, Server.start_id).where(Server.id == server_id)
+        found = connection.execute(key).first()
+        if found is None:
+            return
+        connection.execute(delete(StartRecord).where(
+            StartRecord.hub_id == found.hub_id, StartRecord.name == found.name,
+            StartRecord.start_id == found.start_id,
+        ))  # fmt: skip
         columns = select(Server.hub_id, Server.user_id, Server.name, Server.start_id, Server.flavor,
                          Server.started).where(Server.id == server_id)  # fmt: skip
         connection.execute(
