@@ -55,7 +55,7 @@ class OutpostSlurmSpawner(SlurmSpawner):
         help="""Seconds between the Outpost's ``squeue`` calls while servers
         run and no start or stop waits. One call reads every job of this
         Outpost process; polls read its result. A status older than two
-        intervals and ``squeue_timeout`` counts as unknown (503). Default: 10.
+        intervals and ``slurm_command_timeout`` counts as unknown (503). Default: 10.
 
         .. versionadded:: 0.2
         """,
