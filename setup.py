@@ -63,7 +63,9 @@ setup(
             "schemathesis>=4",
             "jupyterhub-outpostspawner==2.2.13",
             "psycopg[binary]>=3.1",
+            "jupyterhub-kubespawner>=7,<8",
         ],
+        "kubernetes": ["jupyterhub-kubespawner>=7,<8"],
         "postgres": ["psycopg[binary]>=3.1"],
     },
     entry_points={

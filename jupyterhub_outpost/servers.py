@@ -35,7 +35,7 @@ from . import certs
 from .log import secrets
 from .objects import OutpostDB, OutpostHub, OutpostORMSpawner, OutpostUser
 from .spawnercalls import SpawnerCalls, runs_on_loop
-from .spawners import localprocess
+from .spawners import kube, localprocess
 from .statekeeper import StateKeepers, state_is_unknown, state_to_save
 from .stops import StopClaims
 from .utils import format_service_address, isoformat
@@ -194,6 +194,7 @@ class ServerManager(LoggingConfigurable):
             oauth_client_id=env.get("JUPYTERHUB_CLIENT_ID", ""),
         )
         self._apply_overrides(spawner, request.get("misc") or {}, record)
+        kube.prepare(spawner, record.hub)
         _merge_env(spawner, env)
         managed = ManagedServer(self, record, request, spawner, db)
         holder["managed"] = managed
@@ -688,6 +689,7 @@ class ServerManager(LoggingConfigurable):
         pending += [m.start_task for m in self.active.values() if m.start_task and not m.start_task.done()]
         if pending:
             await asyncio.wait(pending, timeout=timeout)
+        await kube.shutdown()
         self.calls.shutdown()
 
 

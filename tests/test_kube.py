@@ -1,0 +1,234 @@
+"""KubeSpawner (jupyterhub-kubespawner, kubernetes_asyncio) in a real Outpost
+process, against FakeKubernetesAPI reached through a kubeconfig file.
+
+What a hub sees (start, progress, failures, poll, stop), what the cluster
+receives (pods, secrets, services: their images, limits, names), and what it
+costs (API requests per poll).
+"""
+
+import time
+
+import pytest
+
+from .fake_kubernetes import FakeKubernetesAPI
+from .kube_utils import ENTRYPOINTS, IMAGE, NAMESPACE, fake_base_env, kube_outpost
+from .test_secrets import tls, with_certs  # noqa: F401 (a fixture)
+from .utils import api_request, database_independent, json_of, start_body, tokens_of, wait_until
+
+pytest.importorskip("kubespawner", reason="jupyterhub-kubespawner is installed by '.[test]'")
+
+pytestmark = [database_independent]
+
+FLAVORS = """
+c.JupyterHubOutpost.flavors = {
+    "small": {"display_name": "1 CPU, 1 GB", "resources": {"cpu_limit": 1, "mem_limit": "1G"}},
+    "gpu": {"display_name": "1 GPU", "max": 2, "resources": {
+        "cpu_limit": 4, "mem_limit": "8G", "extra_resource_limits": {"nvidia.com/gpu": "1"}}},
+}
+c.JupyterHubOutpost.default_flavor = "small"
+"""
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory):
+    api = FakeKubernetesAPI(tmp_path_factory.mktemp("fake-k8s"), base_env=fake_base_env(),
+                            entrypoints=ENTRYPOINTS).start()  # fmt: skip
+    yield api
+    api.stop()
+
+
+@pytest.fixture(scope="module")
+def outpost(tmp_path_factory, fake):
+    process = kube_outpost(tmp_path_factory.mktemp("kube-outpost"), fake, extra=FLAVORS)
+    process.start("--log-level=DEBUG")
+    yield process
+    process.end()
+
+
+async def start(outpost, fake_hub, user="alice", name="lab", hub="hub-a", misc=None,
+                flavor=None, body=None, expect=200):  # fmt: skip
+    body = body or start_body(fake_hub.url, user=user, name=name, misc=misc,
+                              user_options={"flavor": flavor} if flavor else None)  # fmt: skip
+    fake_hub.tokens.update(tokens_of(body))
+    response = await api_request(outpost, "services", method="POST", body=body, hub=hub, timeout=90)
+    assert response.code == expect, response.body
+    return body, json_of(response)
+
+
+async def poll(outpost, body, hub="hub-a"):
+    response = await api_request(outpost, "services", body["name"], body["user_options"]["start_id"], hub=hub)
+    return response.code, json_of(response)
+
+
+async def stop(outpost, body, hub="hub-a"):
+    response = await api_request(outpost, "services", body["name"], body["user_options"]["start_id"],
+                                 method="DELETE", hub=hub, timeout=90)  # fmt: skip
+    assert response.code == 200, response.body
+
+
+def notebook(pod):
+    return next(c for c in pod["spec"]["containers"] if c["name"] == "notebook")
+
+
+def received_pod(fake, name):
+    return next(p for p in reversed(fake.received["pods"]) if p["metadata"]["name"] == name)
+
+
+async def test_start_poll_stop_as_a_pod_and_polls_cost_no_requests(outpost, fake, fake_hub):
+    body, answer = await start(outpost, fake_hub, user="alice", name="lab")
+    [pod_name] = fake.pod_names()
+    assert pod_name == "hub-a--jupyter-alice--lab"
+    pod = fake.pod(pod_name, NAMESPACE)
+    assert answer["service"] == f"http://{pod['status']['podIP']}:8888"
+    assert notebook(pod)["image"] == IMAGE
+    assert {"name": "JUPYTERHUB_USER", "value": "alice"} in notebook(pod)["env"]
+    assert await poll(outpost, body) == (200, {"status": None})
+
+    # one list+watch of pods and one of events for everything; polls read the cache
+    assert fake.open_watches == 2
+    before = fake.request_count()
+    for _ in range(30):
+        assert await poll(outpost, body) == (200, {"status": None})
+    assert fake.request_count() == before, fake.requests[before:]
+
+    await stop(outpost, body)
+    assert fake.pod(pod_name) is None
+    assert pod_name in fake.deleted["pods"]
+    assert (await poll(outpost, body))[0] == 404
+
+
+async def test_progress_comes_from_the_pods_events(outpost, fake, fake_hub):
+    body, _ = await start(outpost, fake_hub, user="petra", name="events")
+    messages = [c["body"].get("message", "") for c in fake_hub.calls("event", "petra", "events")]
+    for text in ("Successfully assigned", "Pulling image", "Successfully pulled", "Created container",
+                 "Started container"):
+        assert any(text in m for m in messages), (text, messages)
+    await stop(outpost, body)
+
+
+@pytest.mark.parametrize(
+    "image, reason, detail",
+    [
+        ("example.org/does-not-exist:1", "ImagePullBackOff", "Back-off pulling image"),
+        ("example.org/crashes:1", "CrashLoopBackOff", "exit code 3"),
+    ],
+)
+async def test_a_failing_pod_fails_the_start_at_once_with_its_reason(outpost, fake, fake_hub, image, reason, detail):
+    began = time.monotonic()
+    body, answer = await start(outpost, fake_hub, user="frank", name="fails", misc={"image": image}, expect=419)
+    assert time.monotonic() - began < 15  # start_timeout is 60
+    assert reason in str(answer) and detail in str(answer), answer
+    # the hub saw Kubernetes' events on the way
+    messages = [c["body"].get("message", "") for c in fake_hub.calls("event", "frank", "fails")]
+    assert any("Back-off" in m for m in messages), messages
+    # the failed pod was deleted, and the Outpost forgot the start
+    await wait_until(lambda: not [n for n in fake.pod_names() if "frank" in n], timeout=20,
+                     message="failed pod deleted")  # fmt: skip
+    assert (await poll(outpost, body))[0] == 404
+
+
+async def test_allowed_image_and_flavor_resources_reach_the_pod(outpost, fake, fake_hub):
+    image = "quay.io/jupyter/scipy-notebook:2025-01-01"
+    body, _ = await start(outpost, fake_hub, user="gina", name="gpu", misc={"image": image}, flavor="gpu")
+    container = notebook(received_pod(fake, "hub-a--jupyter-gina--gpu"))
+    assert container["image"] == image
+    limits = container["resources"]["limits"]
+    assert limits["cpu"] in (4, "4", 4.0)
+    assert int(limits["memory"]) == 8 * 1024**3
+    assert limits["nvidia.com/gpu"] == "1"
+    await stop(outpost, body)
+
+    # the default flavor's limits apply without a flavor; an image not allowed is refused
+    body, _ = await start(outpost, fake_hub, user="gina", name="small")
+    limits = notebook(received_pod(fake, "hub-a--jupyter-gina--small"))["resources"]["limits"]
+    assert int(limits["memory"]) == 1024**3
+    await stop(outpost, body)
+    created = len(fake.received["pods"])
+    _, answer = await start(outpost, fake_hub, user="gina", name="other",
+                            misc={"image": "evil.example.org/miner:1"}, expect=419)  # fmt: skip
+    assert "image" in str(answer)
+    assert len(fake.received["pods"]) == created
+
+
+HOST_PATH = [{"name": "root", "hostPath": {"path": "/"}}]
+PRIVILEGED = {"securityContext": {"privileged": True}}
+PRIVILEGE_ATTEMPTS = {
+    "privileged": {"privileged": True},
+    "extra_container_config": {"extra_container_config": PRIVILEGED},
+    "container_security_context": {"container_security_context": {"privileged": True}},
+    "allow_privilege_escalation": {"allow_privilege_escalation": True},
+    "uid": {"uid": 0},
+    "extra_pod_config": {"extra_pod_config": {"hostNetwork": True, "hostPID": True}},
+    "volumes": {"volumes": HOST_PATH, "volume_mounts": [{"name": "root", "mountPath": "/host"}]},
+    "service_account": {"service_account": "outpost"},
+    "automount_service_account_token": {"automount_service_account_token": True},
+    "node_selector": {"node_selector": {"kubernetes.io/hostname": "control-plane"}},
+    "tolerations": {"tolerations": [{"operator": "Exists"}]},
+    "extra_containers": {"extra_containers": [{"name": "x", "image": "busybox", **PRIVILEGED}]},
+    "init_containers": {"init_containers": [{"name": "x", "image": "busybox", **PRIVILEGED}]},
+    "pod_security_context": {"pod_security_context": {"runAsUser": 0}},
+    "namespace": {"namespace": "kube-system"},
+    "profile_list": {"profile_list": [{"display_name": "x", "kubespawner_override": PRIVILEGED}]},
+}
+
+
+@pytest.mark.parametrize("trait", sorted(PRIVILEGE_ATTEMPTS))
+async def test_no_privilege_through_overrides(outpost, fake, fake_hub, trait):
+    created = len(fake.received["pods"])
+    _, answer = await start(outpost, fake_hub, user="mallory", name=trait.replace("_", "-"),
+                            misc=PRIVILEGE_ATTEMPTS[trait], expect=419)  # fmt: skip
+    assert trait in str(answer), answer
+    assert len(fake.received["pods"]) == created
+    assert not [n for n in fake.pod_names() if "mallory" in n]
+
+
+async def test_no_privilege_through_a_flavor_the_hub_names(outpost, fake, fake_hub):
+    created = len(fake.received["pods"])
+    _, answer = await start(outpost, fake_hub, user="mallory", name="flavor", flavor="privileged",
+                            expect=419)  # fmt: skip
+    assert "privileged" in str(answer)
+    assert len(fake.received["pods"]) == created
+
+
+async def test_internal_ssl_secret_is_created_mounted_and_removed(outpost, fake, fake_hub, tls):  # noqa: F811
+    body = with_certs(start_body(fake_hub.url, user="sam", name="tls", misc={"internal_ssl": True}), tls)
+    body, answer = await start(outpost, fake_hub, body=body)
+    pod_name = "hub-a--jupyter-sam--tls"
+    assert answer["service"].startswith(f"https://{pod_name}.{NAMESPACE}.svc")
+    [secret] = [s for s in fake.received["secrets"] if s["metadata"]["name"] == pod_name]
+    import base64
+
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert data["ssl.key"] == tls["certs"]["keyfile"]
+    assert data["ssl.crt"] == tls["certs"]["certfile"]
+    assert tls["internal_trust_bundles"]["hub-ca"] in data["notebooks-ca_trust.crt"]
+    pod = received_pod(fake, pod_name)
+    volume = next(v for v in pod["spec"]["volumes"] if "secret" in v)
+    assert volume["secret"]["secretName"] == pod_name
+    mount = next(m for m in notebook(pod)["volumeMounts"] if m["name"] == volume["name"])
+    env = {e["name"]: e.get("value") for e in notebook(pod)["env"]}
+    assert env["JUPYTERHUB_SSL_KEYFILE"] == mount["mountPath"] + "ssl.key"
+    assert pod_name in fake.names("services")
+    assert await poll(outpost, body) == (200, {"status": None})
+
+    await stop(outpost, body)
+    assert pod_name not in fake.names("secrets")
+    assert pod_name not in fake.names("services")
+
+
+async def test_hubs_never_share_pods(outpost, fake, fake_hub):
+    a, _ = await start(outpost, fake_hub, user="alice", name="same", hub="hub-a")
+    # hub-b's alice/same, once with a template that copies hub-a's pod name
+    b, _ = await start(outpost, fake_hub, user="alice", name="same", hub="hub-b")
+    b2, _ = await start(outpost, fake_hub, user="alice", name="copy", hub="hub-b",
+                        misc={"pod_name_template": "hub-a--jupyter-alice--same"})  # fmt: skip
+    names = fake.pod_names()
+    assert {"hub-a--jupyter-alice--same", "hub-b--jupyter-alice--same",
+            "hub-b--hub-a--jupyter-alice--same"} <= set(names)  # fmt: skip
+    uid = fake.pod("hub-a--jupyter-alice--same")["metadata"]["uid"]
+    for body, hub in ((a, "hub-a"), (b, "hub-b"), (b2, "hub-b")):
+        assert await poll(outpost, body, hub=hub) == (200, {"status": None})
+    await stop(outpost, b, hub="hub-b")
+    await stop(outpost, b2, hub="hub-b")
+    assert fake.pod("hub-a--jupyter-alice--same")["metadata"]["uid"] == uid
+    await stop(outpost, a)
