@@ -207,7 +207,13 @@ class _Handler(web.RequestHandler):
             return self._status(404, "NotFound", f'{kind} "{name}" not found')
         self.fake.deleted[kind].append(name)
         if kind == "pods":
-            self.fake.delete_pod(namespace, name)
+            grace = self.get_query_argument("gracePeriodSeconds", None)
+            try:
+                body = json.loads(self.request.body or b"{}")
+            except ValueError:
+                body = {}
+            grace = body.get("gracePeriodSeconds", grace) if isinstance(body, dict) else grace
+            self.fake.delete_pod(namespace, name, float(grace) if grace is not None else 30)
             return self._send(obj)
         self.fake.remove(namespace, kind, name)
         self._send({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}})
@@ -356,7 +362,7 @@ class FakeKubernetesAPI:
 
     def delete_behind(self, name, namespace):
         """Delete a pod as ``kubectl delete pod`` would, behind the Outpost's back"""
-        self.call(self.delete_pod, namespace, name)
+        self.call(self.delete_pod, namespace, name, 1)
 
     # the store
 
@@ -572,15 +578,17 @@ class FakeKubernetesAPI:
         self.processes[(pod["metadata"]["namespace"], pod["metadata"]["name"])] = proc
         return proc, None
 
-    def delete_pod(self, namespace, name):
+    def delete_pod(self, namespace, name, grace=30):
+        """Delete a pod: SIGTERM, SIGKILL after ``grace`` seconds, then gone"""
         pod = self.store["pods"].get((namespace, name))
         if pod is None or "deletionTimestamp" in pod["metadata"]:
             return
         pod["metadata"]["deletionTimestamp"] = _now()
+        pod["metadata"]["deletionGracePeriodSeconds"] = int(grace)
         self.update("pods", pod)
-        asyncio.ensure_future(self._terminate(namespace, name, pod))
+        asyncio.ensure_future(self._terminate(namespace, name, pod, grace))
 
-    async def _terminate(self, namespace, name, pod):
+    async def _terminate(self, namespace, name, pod, grace):
         task = self._tasks.pop((namespace, name), None)
         if task is not None:
             task.cancel()
@@ -589,7 +597,7 @@ class FakeKubernetesAPI:
             self.event(pod, "Killing", f"Stopping container {self._container(pod)['name']}")
             _kill(proc, signal.SIGTERM)
             try:
-                await asyncio.wait_for(proc.wait(), 3)
+                await asyncio.wait_for(proc.wait(), grace)
             except asyncio.TimeoutError:
                 _kill(proc, signal.SIGKILL)
                 await proc.wait()

@@ -6,18 +6,22 @@ receives (pods, secrets, services: their images, limits, names), and what it
 costs (API requests per poll).
 """
 
+import base64
 import time
 
 import pytest
 
 from .fake_kubernetes import FakeKubernetesAPI
 from .kube_utils import ENTRYPOINTS, IMAGE, NAMESPACE, fake_base_env, kube_outpost
-from .test_secrets import tls, with_certs  # noqa: F401 (a fixture)
-from .utils import api_request, database_independent, json_of, start_body, tokens_of, wait_until
+from . import test_secrets
+from .utils import OutpostProcess, api_request, database_independent, json_of, start_body, tokens_of, wait_until
 
 pytest.importorskip("kubespawner", reason="jupyterhub-kubespawner is installed by '.[test]'")
 
 pytestmark = [database_independent]
+
+tls = test_secrets.tls  # real certificates of a hub with internal_ssl (a fixture)
+with_certs = test_secrets.with_certs
 
 FLAVORS = """
 c.JupyterHubOutpost.flavors = {
@@ -66,6 +70,12 @@ async def stop(outpost, body, hub="hub-a"):
     assert response.code == 200, response.body
 
 
+def beyond_watches(fake, since):
+    """Requests after the ``since``-th that are not the shared watches' list+watch"""
+    return [(method, path) for method, path, query in fake.requests[since:]
+            if not (method == "GET" and path.rstrip("/").endswith(("/pods", "/events")))]  # fmt: skip
+
+
 def notebook(pod):
     return next(c for c in pod["spec"]["containers"] if c["name"] == "notebook")
 
@@ -89,7 +99,7 @@ async def test_start_poll_stop_as_a_pod_and_polls_cost_no_requests(outpost, fake
     before = fake.request_count()
     for _ in range(30):
         assert await poll(outpost, body) == (200, {"status": None})
-    assert fake.request_count() == before, fake.requests[before:]
+    assert beyond_watches(fake, before) == []
 
     await stop(outpost, body)
     assert fake.pod(pod_name) is None
@@ -190,14 +200,12 @@ async def test_no_privilege_through_a_flavor_the_hub_names(outpost, fake, fake_h
     assert len(fake.received["pods"]) == created
 
 
-async def test_internal_ssl_secret_is_created_mounted_and_removed(outpost, fake, fake_hub, tls):  # noqa: F811
+async def test_internal_ssl_secret_is_created_mounted_and_removed(outpost, fake, fake_hub, tls):
     body = with_certs(start_body(fake_hub.url, user="sam", name="tls", misc={"internal_ssl": True}), tls)
     body, answer = await start(outpost, fake_hub, body=body)
     pod_name = "hub-a--jupyter-sam--tls"
     assert answer["service"].startswith(f"https://{pod_name}.{NAMESPACE}.svc")
     [secret] = [s for s in fake.received["secrets"] if s["metadata"]["name"] == pod_name]
-    import base64
-
     data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
     assert data["ssl.key"] == tls["certs"]["keyfile"]
     assert data["ssl.crt"] == tls["certs"]["certfile"]
@@ -232,3 +240,44 @@ async def test_hubs_never_share_pods(outpost, fake, fake_hub):
     await stop(outpost, b2, hub="hub-b")
     assert fake.pod("hub-a--jupyter-alice--same")["metadata"]["uid"] == uid
     await stop(outpost, a)
+
+
+async def test_pods_outlive_the_outpost(tmp_path, fake, fake_hub):
+    """kill -9, restart: every pod is found again from the saved state"""
+    process = kube_outpost(tmp_path, fake)
+    process.start()
+    try:
+        bodies = [(await start(process, fake_hub, user=f"rita{i}", name="keep"))[0] for i in range(3)]
+        names = [f"hub-a--jupyter-rita{i}--keep" for i in range(3)]
+        uids = [fake.pod(n)["metadata"]["uid"] for n in names]
+        process.kill9()
+
+        again = OutpostProcess(tmp_path, open(process.config_path).read(), extra_env={
+            k: process.env[k] for k in ("KUBECONFIG", "PATH", "PYTHONPATH", "OUTPOST_CRYPT_KEY")})  # fmt: skip
+        again.start()
+        process = again
+        for body in bodies:
+            assert await poll(again, body) == (200, {"status": None})
+        # the new process watches once, and polls read its cache
+        before = fake.request_count()
+        for _ in range(5):
+            for body in bodies:
+                assert await poll(again, body) == (200, {"status": None})
+        assert beyond_watches(fake, before) == []
+        assert [fake.pod(n)["metadata"]["uid"] for n in names] == uids
+
+        # deleted behind the Outpost's back: ended
+        fake.delete_behind(names[0], NAMESPACE)
+        await wait_until(lambda: fake.pod(names[0]) is None, timeout=20, message="pod deleted")
+
+        async def ended():
+            code, model = await poll(again, bodies[0])
+            return code == 200 and model["status"] is not None
+
+        await wait_until(ended, timeout=20, message="poll of the deleted pod gives a status")
+        for body, name in zip(bodies[1:], names[1:]):
+            await stop(again, body)
+            assert fake.pod(name) is None
+        await stop(again, bodies[0])
+    finally:
+        process.end()

@@ -138,22 +138,27 @@ def _name_objects(spawner, hub):
 async def _start(spawner, own_start):
     spawner._outpost_progress_done = asyncio.Event()
     spawner._outpost_progress_running = False
+    spawner._outpost_failure = None
     future = asyncio.ensure_future(own_start())
     watcher = asyncio.ensure_future(_first_failure(spawner, future))
     try:
         await asyncio.wait([future, watcher], return_when=asyncio.FIRST_COMPLETED)
         if not future.done():
+            spawner._outpost_failure = watcher.result()
             future.cancel()
             await asyncio.wait([future])
-            raise watcher.result()
-        result = future.result()
+        elif future.exception() is not None:
+            raise future.exception()
         if spawner._outpost_progress_running:
-            # the hub sees the last events ("Started container") before the address
+            # the hub sees the last events ("Started container", or why the
+            # pod failed) before the answer to its start
             try:
                 await asyncio.wait_for(spawner._outpost_progress_done.wait(), PROGRESS_DRAIN)
             except asyncio.TimeoutError:
                 pass
-        return result
+        if spawner._outpost_failure is not None:
+            raise spawner._outpost_failure
+        return future.result()
     except asyncio.CancelledError:
         future.cancel()
         raise
@@ -193,6 +198,9 @@ async def _progress(spawner):
             yield {"progress": int(progress), "message": f"{stamp} [{event['type']}] {event['message']}"}
         seen = max(seen, len(events))
         if finished:
+            failure = getattr(spawner, "_outpost_failure", None)
+            if failure is not None:
+                yield {"progress": 100, "message": str(failure)}
             break
         await asyncio.sleep(PROGRESS_INTERVAL)
     done = getattr(spawner, "_outpost_progress_done", None)
