@@ -5,7 +5,13 @@ kubeconfig file, and helpers to start servers on it."""
 import os
 import sys
 
-from .utils import OutpostProcess, new_db_url, process_env
+import yaml
+
+from .utils import REPO, OutpostProcess, new_db_url, process_env
+
+SHARE = os.path.join(REPO, "share", "jupyterhub-outpost")
+MANIFEST = os.path.join(SHARE, "kubernetes.yaml")
+CONFIG_FILE = os.path.join(SHARE, "outpost_config_kubespawner.py")
 
 NAMESPACE = "outpost-test"
 IMAGE = "quay.io/jupyter/base-notebook:2025-01-01"
@@ -62,3 +68,14 @@ def kube_outpost(workdir, fake, db_url=None, extra=""):
 
 def fake_base_env():
     return {"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+
+
+def manifest_objects():
+    """The objects of share/jupyterhub-outpost/kubernetes.yaml"""
+    with open(MANIFEST) as f:
+        return [doc for doc in yaml.safe_load_all(f) if doc is not None]
+
+
+def manifest_role():
+    [role] = [o for o in manifest_objects() if o["kind"] == "Role"]
+    return role

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from .fake_kubernetes import FakeKubernetesAPI
-from .kube_utils import ENTRYPOINTS, IMAGE, NAMESPACE, fake_base_env, kube_outpost
+from .fake_kubernetes import KINDS, FakeKubernetesAPI
+from .kube_utils import ENTRYPOINTS, IMAGE, NAMESPACE, fake_base_env, kube_outpost, manifest_role
 from . import test_secrets
 from .utils import OutpostProcess, api_request, database_independent, json_of, start_body, tokens_of, wait_until
 
@@ -281,3 +281,27 @@ async def test_pods_outlive_the_outpost(tmp_path, fake, fake_hub):
         await stop(again, bodies[0])
     finally:
         process.end()
+
+
+async def test_the_role_grants_exactly_what_kubespawner_used(outpost, fake, fake_hub, tls):
+    """share/jupyterhub-outpost/kubernetes.yaml's Role against the requests the
+    fake received in this module (all of what a server's life needs: this
+    test makes one with a Service and an internal_ssl secret itself, whose
+    leftovers from an earlier start KubeSpawner removes first)"""
+    for kind in ("secrets", "services"):
+        fake.call(fake.create, NAMESPACE, kind, {"metadata": {"name": "hub-a--jupyter-rolf--rbac"}})
+    body = with_certs(start_body(fake_hub.url, user="rolf", name="rbac",
+                                 misc={"internal_ssl": True, "services_enabled": True}), tls)  # fmt: skip
+    body, _ = await start(outpost, fake_hub, body=body)
+    await poll(outpost, body)
+    await stop(outpost, body)
+
+    used = fake.calls()
+    assert all(isinstance(verb, str) and resource in KINDS for verb, resource in used), used
+    assert fake.unknown == []
+    granted = set()
+    for rule in manifest_role()["rules"]:
+        assert rule["apiGroups"] == [""]
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"]
+        granted |= {(verb, resource) for verb in rule["verbs"] for resource in rule["resources"]}
+    assert granted == used
