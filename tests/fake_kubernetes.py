@@ -262,6 +262,8 @@ class FakeKubernetesAPI:
         self.version = 1
         self.stopping = False
         self.processes = {}  # (ns, pod name) -> asyncio subprocess
+        # pod name -> {"created": t, "running": t} (time.monotonic())
+        self.timeline = {}
         self._tasks = {}
         self._next_ip = 1
         self.loop = None
@@ -389,6 +391,7 @@ class FakeKubernetesAPI:
         self.store[kind][(namespace, meta["name"])] = body
         self._publish(kind, "ADDED", body)
         if kind == "pods":
+            self.timeline[meta["name"]] = {"created": time.monotonic()}
             key = (namespace, meta["name"])
             self._tasks[key] = asyncio.ensure_future(self._kubelet(key))
         return body
@@ -495,6 +498,7 @@ class FakeKubernetesAPI:
             containerStatuses=[self._status_of(container, {"running": {"startedAt": _now()}}, True)],
         )  # fmt: skip
         self.update("pods", pod)
+        self.timeline.setdefault(name, {})["running"] = time.monotonic()
         if proc is not None:
             code = await proc.wait()
             if key in self.store["pods"] and "deletionTimestamp" not in pod["metadata"]:
