@@ -233,6 +233,7 @@ async def test_hubs_never_share_pods(outpost, fake, fake_hub):
     names = fake.pod_names()
     assert {"hub-a--jupyter-alice--same", "hub-b--jupyter-alice--same",
             "hub-b--hub-a--jupyter-alice--same"} <= set(names)  # fmt: skip
+    assert fake.open_watches == 2  # still one watch of pods and one of events
     uid = fake.pod("hub-a--jupyter-alice--same")["metadata"]["uid"]
     for body, hub in ((a, "hub-a"), (b, "hub-b"), (b2, "hub-b")):
         assert await poll(outpost, body, hub=hub) == (200, {"status": None})
