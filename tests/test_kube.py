@@ -306,3 +306,22 @@ async def test_the_role_grants_exactly_what_kubespawner_used(outpost, fake, fake
         assert "*" not in rule["verbs"] and "*" not in rule["resources"]
         granted |= {(verb, resource) for verb in rule["verbs"] for resource in rule["resources"]}
     assert granted == used
+
+
+def test_object_names_of_two_hubs_never_meet():
+    from jupyterhub_outpost.spawners.kube import hub_object_name, hub_slug
+
+    assert hub_slug("hub-a") == "hub-a"
+    # names that are no short lowercase DNS label without "--" are hashed
+    for name in ("Hub-A", "hub_a", "a", "hub--a", "hub-a-", "x" * 25, "hub.example.org"):
+        slug = hub_slug(name)
+        assert slug.startswith("hub-") and len(slug) == 26 and "--" not in slug, (name, slug)
+    assert hub_slug("Hub-A") != hub_slug("hub-A")
+    # what could be ambiguous when joined is not
+    pairs = [("hub-a", "b--c"), ("hub-a--b", "c"), ("hub-a-b", "c"), ("hub-a", "b-c"),
+             ("Hub-A", "x"), ("hub-a", hub_slug("Hub-A")[6:] + "--x")]  # fmt: skip
+    names = [hub_object_name(hub, name) for hub, name in pairs]
+    assert len(set(names)) == len(names), names
+    long = hub_object_name("hub-a", "jupyter-" + "x" * 80)
+    assert len(long) <= 63 and long.startswith("hub-a--") and long[-1] != "-"
+    assert long != hub_object_name("hub-a", "jupyter-" + "x" * 81)

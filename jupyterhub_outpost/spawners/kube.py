@@ -43,7 +43,7 @@ FAILURE_CHECK_INTERVAL = 0.5
 PROGRESS_INTERVAL = 0.25
 PROGRESS_DRAIN = 2
 
-# A hub name as it stands in object names: a lowercase DNS label of at most
+# A hub name as it stands in object names: a lowercase DNS label of 2 to
 # 24 characters without "--"; any other name becomes "hub-" + 22 hex digits
 # of its SHA-256 (26 characters, so never equal to a name kept as it is).
 _READABLE_HUB = re.compile(r"^[a-z](?:[a-z0-9]|-(?!-)){0,22}[a-z0-9]$")
