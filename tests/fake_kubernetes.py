@@ -27,8 +27,9 @@ pod's ``command`` + ``args`` with the pod's environment (``0.0.0.0`` in
 would make it); secret volumes are written to the pod's folder and
 environment values under their mount path point there. An image whose name
 contains ``does-not-exist`` cannot be pulled (ErrImagePull, then
-ImagePullBackOff); a command that cannot be run or that exits leaves the
-container in CrashLoopBackOff. With ``run_containers=False`` (benchmarks) the
+ImagePullBackOff), one with ``slow-pull`` takes two minutes to pull; a
+command that cannot be run or that exits leaves the container in
+CrashLoopBackOff. With ``run_containers=False`` (benchmarks) the
 kubelet reports pods running without starting a process.
 
 The fake runs its own event loop in a thread: tests drive it from any loop.
@@ -62,6 +63,8 @@ KINDS = {
 WATCHABLE = ("pods", "events")
 HISTORY = 50000  # changes kept for watches that resume from a resourceVersion
 MISSING_IMAGE_MARK = "does-not-exist"
+SLOW_IMAGE_MARK = "slow-pull"  # an image that takes SLOW_PULL seconds to pull
+SLOW_PULL = 120
 
 
 def _now():
@@ -461,7 +464,7 @@ class FakeKubernetesAPI:
         self.event(pod, "Scheduled", f"Successfully assigned {namespace}/{name} to fake-node")
         await asyncio.sleep(0.05)
         self.event(pod, "Pulling", f'Pulling image "{image}"')
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(SLOW_PULL if SLOW_IMAGE_MARK in image else 0.05)
         if MISSING_IMAGE_MARK in image:
             message = f'Failed to pull image "{image}": {image} not found'
             self.event(pod, "Failed", message, "Warning")

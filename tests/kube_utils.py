@@ -16,7 +16,8 @@ CONFIG_FILE = os.path.join(SHARE, "outpost_config_kubespawner.py")
 NAMESPACE = "outpost-test"
 IMAGE = "quay.io/jupyter/base-notebook:2025-01-01"
 ALLOWED_IMAGES = (IMAGE, "quay.io/jupyter/scipy-notebook:2025-01-01",
-                  "example.org/crashes:1", "example.org/does-not-exist:1")  # fmt: skip
+                  "example.org/crashes:1", "example.org/does-not-exist:1",
+                  "example.org/slow-pull:1")  # fmt: skip
 # images whose ENTRYPOINT the fake knows: this one exits at once
 ENTRYPOINTS = {"example.org/crashes:1": ["sh", "-c", "echo 'no notebook here' >&2; exit 3"]}
 

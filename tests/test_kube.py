@@ -6,6 +6,7 @@ receives (pods, secrets, services: their images, limits, names), and what it
 costs (API requests per poll).
 """
 
+import asyncio
 import base64
 import time
 
@@ -325,3 +326,31 @@ def test_object_names_of_two_hubs_never_meet():
     long = hub_object_name("hub-a", "jupyter-" + "x" * 80)
     assert len(long) <= 63 and long.startswith("hub-a--") and long[-1] != "-"
     assert long != hub_object_name("hub-a", "jupyter-" + "x" * 81)
+
+
+async def test_a_start_interrupted_by_kill_9_leaves_no_pod(tmp_path, fake, fake_hub):
+    """The Outpost dies while a pod is pulling its image: the next process
+    finds the interrupted start and deletes the pod it created"""
+    process = kube_outpost(tmp_path, fake)
+    process.start()
+    try:
+        body = start_body(fake_hub.url, user="ivan", name="cut", misc={"image": "example.org/slow-pull:1"})
+        fake_hub.tokens.update(tokens_of(body))
+        request = asyncio.ensure_future(api_request(process, "services", method="POST", body=body, timeout=60))
+        pod_name = "hub-a--jupyter-ivan--cut"
+        await wait_until(lambda: fake.pod(pod_name) is not None, timeout=20, message="pod created")
+        process.kill9()
+        await asyncio.wait([request])
+
+        again = OutpostProcess(tmp_path, open(process.config_path).read(), extra_env={
+            k: process.env[k] for k in ("KUBECONFIG", "PATH", "PYTHONPATH", "OUTPOST_CRYPT_KEY")})  # fmt: skip
+        again.start()
+        process = again
+        await wait_until(lambda: fake.pod(pod_name) is None, timeout=60, message="interrupted start's pod deleted")
+
+        async def forgotten():
+            return (await poll(again, body))[0] == 404
+
+        await wait_until(forgotten, timeout=30, message="interrupted start forgotten")
+    finally:
+        process.end()
