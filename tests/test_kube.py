@@ -225,6 +225,27 @@ async def test_internal_ssl_secret_is_created_mounted_and_removed(outpost, fake,
     assert pod_name not in fake.names("services")
 
 
+
+async def test_the_outpostspawners_own_overrides_are_accepted(outpost, fake, fake_hub):
+    """What an OutpostSpawner sends in ``misc`` unless told otherwise"""
+    misc = {
+        "dns_name_template": "{name}.{namespace}.svc.cluster.local",
+        "pod_name_template": "jupyter-{username}--{servername}",
+        "internal_ssl": False, "port": 8080, "ip": "0.0.0.0", "services_enabled": True,
+        "extra_labels": {"hub.jupyter.org/outpost-hub": "a", "component": "not-a-server"},
+    }  # fmt: skip
+    body, answer = await start(outpost, fake_hub, user="olga", name="defaults", misc=misc)
+    pod_name = "hub-a--jupyter-olga--defaults"
+    assert answer["service"] == f"http://{pod_name}.{NAMESPACE}.svc.cluster.local:8080"
+    pod = received_pod(fake, pod_name)
+    labels = pod["metadata"]["labels"]
+    # the hub's labels are added; KubeSpawner's own (the watch selects by them) stay
+    assert labels["hub.jupyter.org/outpost-hub"] == "a" and labels["component"] == "singleuser-server"
+    assert pod_name in fake.names("services")
+    assert await poll(outpost, body) == (200, {"status": None})
+    await stop(outpost, body)
+    assert pod_name not in fake.names("services")
+
 async def test_hubs_never_share_pods(outpost, fake, fake_hub):
     a, _ = await start(outpost, fake_hub, user="alice", name="same", hub="hub-a")
     # hub-b's alice/same, once with a template that copies hub-a's pod name
