@@ -104,7 +104,10 @@ class _Handler(web.RequestHandler):
 
     def prepare(self):
         self.fake.requests.append((self.request.method, self.request.path, self._query()))
-        if self.request.headers.get("Authorization") != f"Bearer {self.fake.token}":
+        if self.fake.unavailable:
+            self._status(503, "ServiceUnavailable", "the fake API server is unavailable")
+            self.finish()
+        elif self.request.headers.get("Authorization") != f"Bearer {self.fake.token}":
             self._status(401, "Unauthorized", "no valid bearer token")
             self.finish()
 
@@ -173,7 +176,7 @@ class _Handler(web.RequestHandler):
                     self.write(json.dumps({"type": event_type, "object": obj}) + "\n")
             await self.flush()
             deadline = time.monotonic() + timeout
-            while not fake.stopping:
+            while not (fake.stopping or fake.unavailable):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -264,6 +267,7 @@ class FakeKubernetesAPI:
         self.open_watches = 0
         self.version = 1
         self.stopping = False
+        self.unavailable = False  # True: every request gets 503, watches end
         self.processes = {}  # (ns, pod name) -> asyncio subprocess
         # pod name -> {"created": t, "running": t} (time.monotonic())
         self.timeline = {}

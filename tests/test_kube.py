@@ -375,3 +375,32 @@ async def test_a_start_interrupted_by_kill_9_leaves_no_pod(tmp_path, fake, fake_
         await wait_until(forgotten, timeout=30, message="interrupted start forgotten")
     finally:
         process.end()
+
+
+async def test_polls_cannot_tell_while_the_api_server_is_away(tmp_path, fake, fake_hub):
+    """A restarted Outpost whose first list of pods fails answers 503 (the hub
+    keeps the server), never "stopped"; once the API server is back, it watches again"""
+    process = kube_outpost(tmp_path, fake)
+    process.start()
+    try:
+        body, _ = await start(process, fake_hub, user="una", name="away")
+        process.kill9()
+        fake.unavailable = True
+        again = OutpostProcess(tmp_path, open(process.config_path).read(), extra_env={
+            k: process.env[k] for k in ("KUBECONFIG", "PATH", "PYTHONPATH", "OUTPOST_CRYPT_KEY")})  # fmt: skip
+        again.start()
+        process = again
+        for _ in range(3):
+            code, model = await poll(again, body)
+            assert code == 503 and "cannot be determined" in model["message"], (code, model)
+        fake.unavailable = False
+
+        async def answers_running():
+            return await poll(again, body) == (200, {"status": None})
+
+        await wait_until(answers_running, timeout=30, message="poll answers once the API is back")
+        await stop(again, body)
+        assert fake.pod("hub-a--jupyter-una--away") is None
+    finally:
+        fake.unavailable = False
+        process.end()

@@ -13,8 +13,9 @@ every Spawner it builds (a no-op for other Spawner classes) and
   way Kubernetes does not recover from by itself (ImagePullBackOff,
   CrashLoopBackOff, ...), with Kubernetes' own reason and message, instead
   of after ``start_timeout``;
-- makes ``poll()`` raise while the shared pod watch is not running (a stale
-  cache cannot tell whether a pod runs), instead of answering "stopped".
+- makes ``poll()`` raise while the shared pod watch cannot be started or
+  gave up (its cache cannot tell whether a pod runs), instead of answering
+  "stopped", and replaces such a watch at the next poll or start.
 
 All KubeSpawners of the process share KubeSpawner's own class-level pod and
 event reflectors (one list+watch per kind and namespace): a poll reads the
@@ -139,6 +140,10 @@ async def _start(spawner, own_start):
     spawner._outpost_progress_done = asyncio.Event()
     spawner._outpost_progress_running = False
     spawner._outpost_failure = None
+    # a watch broken earlier (the API server was away) is replaced first
+    await _reflector(spawner, "pods")
+    if spawner.events_enabled:
+        await _reflector(spawner, "events")
     future = asyncio.ensure_future(own_start())
     watcher = asyncio.ensure_future(_first_failure(spawner, future))
     try:
@@ -213,12 +218,36 @@ def _watch_running(reflector):
     return task is not None and not task.done()
 
 
+def _broken(reflector):
+    """True for a reflector whose first list failed or whose watch gave up"""
+    loaded = reflector.first_load_future
+    if not loaded.done():
+        return False  # still loading: wait for it
+    return loaded.cancelled() or loaded.exception() is not None or not _watch_running(reflector)
+
+
+# (kind, namespace) -> the task replacing that broken reflector: one at a time
+_replacing = {}
+
+
+async def _reflector(spawner, kind):
+    """The shared reflector of ``kind`` ("pods", "events"), started if
+    needed, replaced by a new one if it is broken (raises if that fails)"""
+    start = spawner._start_watching_pods if kind == "pods" else spawner._start_watching_events
+    key = spawner._get_reflector_key(kind)
+    current = type(spawner).reflectors.get(key)
+    if current is None or not _broken(current):
+        return await start()
+    task = _replacing.get(key)
+    if task is None:
+        task = _replacing[key] = asyncio.ensure_future(start(replace=True))
+        task.add_done_callback(lambda t: _replacing.pop(key, None))
+    return await asyncio.shield(task)
+
+
 async def _poll(spawner, own_poll):
-    reflector = await spawner._start_watching_pods()
+    reflector = await _reflector(spawner, "pods")
     if not _watch_running(reflector):
-        # it gave up (the API server was away too long): start a new one for
-        # the next poll; this one cannot tell
-        asyncio.ensure_future(spawner._start_watching_pods(replace=True))
         raise RuntimeError("The pod watch is not running: the pod's status is not known")
     return await own_poll()
 
