@@ -29,8 +29,9 @@ environment values under their mount path point there. An image whose name
 contains ``does-not-exist`` cannot be pulled (ErrImagePull, then
 ImagePullBackOff), one with ``slow-pull`` takes two minutes to pull; a
 command that cannot be run or that exits leaves the container in
-CrashLoopBackOff. With ``run_containers=False`` (benchmarks) the
-kubelet reports pods running without starting a process.
+CrashLoopBackOff. As a real kubelet, it starts no container before the
+secrets its volumes name exist. With ``run_containers=False`` (benchmarks)
+the kubelet reports pods running without starting a process.
 
 The fake runs its own event loop in a thread: tests drive it from any loop.
 """
@@ -483,6 +484,7 @@ class FakeKubernetesAPI:
             self.update("pods", pod)
             return
         self.event(pod, "Pulled", f'Successfully pulled image "{image}" in 50ms')
+        await self._wait_for_secrets(pod)
         self.event(pod, "Created", f"Created container {container['name']}")
         ip = self._pod_ip()
         proc, problem = await self._start_process(pod, container, ip)
@@ -510,6 +512,21 @@ class FakeKubernetesAPI:
             code = await proc.wait()
             if key in self.store["pods"] and "deletionTimestamp" not in pod["metadata"]:
                 await self._crashed(pod, container, code, "Error" if code else "Completed", "")
+
+    async def _wait_for_secrets(self, pod):
+        """As a kubelet does: no container before its secret volumes exist
+        (KubeSpawner creates the internal_ssl secret after the pod)"""
+        namespace = pod["metadata"]["namespace"]
+        names = [v["secret"]["secretName"] for v in pod["spec"].get("volumes") or [] if v.get("secret")]
+        reported = False
+        began = time.monotonic()
+        while any((namespace, name) not in self.store["secrets"] for name in names):
+            if not reported and time.monotonic() - began > 1:
+                missing = [n for n in names if (namespace, n) not in self.store["secrets"]]
+                self.event(pod, "FailedMount", f'MountVolume.SetUp failed: secret "{missing[0]}" not found',
+                           "Warning")  # fmt: skip
+                reported = True
+            await asyncio.sleep(0.05)
 
     async def _crashed(self, pod, container, code, reason, message):
         terminated = {"terminated": {"exitCode": code, "reason": reason, "message": message,
@@ -558,9 +575,10 @@ class FakeKubernetesAPI:
             for file_name, data in ((stored or {}).get("data") or {}).items():
                 with open(os.path.join(local, file_name), "wb") as f:
                     f.write(base64.b64decode(data))
+            mount_path = mount["mountPath"].rstrip("/")
             for k, v in list(env.items()):
-                if v.startswith(mount["mountPath"]):
-                    env[k] = local + v[len(mount["mountPath"]):]
+                if v == mount_path or v.startswith(mount_path + "/"):
+                    env[k] = os.path.join(local, v[len(mount_path):].lstrip("/"))
         return env
 
     async def _start_process(self, pod, container, ip):

@@ -11,6 +11,7 @@ import base64
 import time
 
 import pytest
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from .fake_kubernetes import KINDS, FakeKubernetesAPI
 from .kube_utils import ENTRYPOINTS, IMAGE, NAMESPACE, fake_base_env, kube_outpost, manifest_role
@@ -219,6 +220,21 @@ async def test_internal_ssl_secret_is_created_mounted_and_removed(outpost, fake,
     assert env["JUPYTERHUB_SSL_KEYFILE"] == mount["mountPath"] + "ssl.key"
     assert pod_name in fake.names("services")
     assert await poll(outpost, body) == (200, {"status": None})
+
+    # the server in the pod serves HTTPS with the mounted certificates (the
+    # Service name does not resolve here: reach it at the pod's IP)
+    url = f"https://{fake.pod(pod_name)['status']['podIP']}:8888{body['env']['JUPYTERHUB_SERVICE_PREFIX']}api"
+
+    async def answers_https():
+        request = HTTPRequest(url, validate_cert=False, client_cert=tls["client_cert"],
+                              client_key=tls["client_key"], request_timeout=3)  # fmt: skip
+        try:
+            response = await AsyncHTTPClient().fetch(request, raise_error=False)
+        except OSError:
+            return False
+        return response.code == 200 and b"version" in response.body
+
+    await wait_until(answers_https, timeout=60, message="the pod's server answers HTTPS")
 
     await stop(outpost, body)
     assert pod_name not in fake.names("secrets")
