@@ -25,6 +25,7 @@ setup(
         "jupyterhub_outpost": [
             "alembic.ini",
             "openapi.yaml",
+            "templates/*.html",
             "alembic/*.py",
             "alembic/*.mako",
             "alembic/versions/*.py",
@@ -33,8 +34,7 @@ setup(
     data_files=[
         (
             "share/jupyterhub-outpost",
-            ["outpost_config.py"]
-            + sorted(
+            sorted(
                 os.path.join("share", "jupyterhub-outpost", name)
                 for name in os.listdir(os.path.join(here, "share", "jupyterhub-outpost"))
                 if os.path.isfile(os.path.join(here, "share", "jupyterhub-outpost", name))
@@ -51,6 +51,8 @@ setup(
         "cryptography>=41",
         "pyyaml",
         "paramiko>=3.4",
+        # the library JupyterHub's /hub/metrics uses
+        "prometheus_client>=0.17",
     ],
     extras_require={
         "test": [
@@ -63,10 +65,12 @@ setup(
             "schemathesis>=4",
             "jupyterhub-outpostspawner==2.2.13",
             "psycopg[binary]>=3.1",
-            "jupyterhub-kubespawner>=7,<8",
+            "batchspawner==1.3.0",
+            "jupyterhub-kubespawner==7.1.0",
         ],
         "kubernetes": ["jupyterhub-kubespawner>=7,<8"],
         "postgres": ["psycopg[binary]>=3.1"],
+        "slurm": ["batchspawner>=1.3,<1.4"],
     },
     entry_points={
         "console_scripts": ["jupyterhub-outpost = jupyterhub_outpost.app:main"],

@@ -59,7 +59,11 @@ c.JupyterHubOutpost.internal_certs_location = "{workdir}/certs"
 c.JupyterHubOutpost.send_events = False
 c.JupyterHubOutpost.log_level = "WARN"
 c.Spawner.start_timeout = 120
+c.OutpostMetrics.enabled = {metrics}
+c.OutpostMetrics.token = "{metrics_token}"
 """
+
+METRICS_TOKEN = "bench-metrics-token"
 
 HUB_PORT = 9  # discard: no request goes to the hub, send_events is off
 
@@ -123,11 +127,12 @@ class _SQLiteFile:
 class ScaleRun(Driver):
     """The phases for one database and one N; rows and notes for the report"""
 
-    def __init__(self, args, outpost, pool, db_label, n):
+    def __init__(self, args, outpost, pool, db_label, n, metrics):
         super().__init__(outpost, pool, HUB_PORT)
         self.args = args
         self.db_label = db_label
         self.n = n
+        self.metrics = metrics
         self.rows = []  # (phase, concurrency, latencies, meter)
         self.notes = []
         self.ping_rate = float("nan")
@@ -154,7 +159,18 @@ class ScaleRun(Driver):
         status = proc_status(pid)
         self.notes.append(f"{len(servers)} servers running: RSS {status['VmRSS']}, peak {status['VmHWM']}, "
                           f"Outpost CPU so far {proc_cpu_seconds(pid):.1f} s")  # fmt: skip
+        scraper = asyncio.ensure_future(self.scrape_every(1.0)) if self.metrics else None
         self.add_row("poll", args.concurrency, *await self.poll_for(servers, args.poll_seconds))
+        if scraper is not None:
+            scraper.cancel()
+            during = await asyncio.gather(scraper, return_exceptions=True)
+            alone = [await self.scrape() for _ in range(20)]
+            size = len((await self.pool.request("GET", "/metrics", headers=self.scrape_headers))[1])
+            self.notes.append(
+                f"GET /metrics with {len(servers)} servers: p50 {f1(ms(pct(alone, 50)))} ms, max "
+                f"{f1(ms(max(alone)))} ms alone ({size} bytes); once a second during the poll run "
+                f"above: {len(during[0]) if isinstance(during[0], list) else 0} scrapes"
+            )  # fmt: skip
         if args.profile:  # a separate run: py-spy slows the Outpost down
             await self.poll_for(servers, args.profile_seconds, profile=True)
         servers += await self.poll_during_slow_starts(servers, min(self.n // 10, args.slow_cap))
@@ -171,6 +187,25 @@ class ScaleRun(Driver):
         self.notes.append(f"after stopping {len(servers)}: {left} servers left; RSS {status['VmRSS']}, "
                           f"peak {status['VmHWM']}, threads {status['Threads']}, "
                           f"Outpost CPU total {proc_cpu_seconds(pid):.1f} s")  # fmt: skip
+
+    scrape_headers = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+
+    async def scrape(self):
+        """Seconds one ``GET /metrics`` takes"""
+        began = time.perf_counter()
+        status, _ = await self.pool.request("GET", "/metrics", headers=self.scrape_headers)
+        assert status == 200, status
+        return time.perf_counter() - began
+
+    async def scrape_every(self, interval):
+        """Scrape every ``interval`` s until cancelled; the scrape times"""
+        times = []
+        try:
+            while True:
+                times.append(await self.scrape())
+                await asyncio.sleep(interval)
+        except asyncio.CancelledError:
+            return times
 
     async def poll_for(self, servers, seconds, profile=False, rate=None):
         async def one(i):
@@ -283,15 +318,17 @@ def profile_summary(path, seconds, top=5, rate=100):
     return "\n      ".join(lines)
 
 
-async def run_one(args, db_label, db_context, n):
+async def run_one(args, db_label, db_context, n, metrics):
     """One Outpost process on a fresh database, all phases for ``n`` servers"""
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="outpost-scale-") as workdir:
         context = db_context(workdir)
         with context as db_url:
-            outpost = Outpost(workdir, CONFIG.format(db_url=db_url, workdir=workdir))
+            config = CONFIG.format(db_url=db_url, workdir=workdir, metrics=metrics,
+                                   metrics_token=METRICS_TOKEN)  # fmt: skip
+            outpost = Outpost(workdir, config)
             pool = HTTPPool("127.0.0.1", outpost.port, args.concurrency + args.slow_cap + 4)
-            bench = ScaleRun(args, outpost, pool, db_label, n)
+            bench = ScaleRun(args, outpost, pool, db_label, n, metrics)
             try:
                 await outpost.wait_ready(pool)
                 await asyncio.wait_for(bench.run(), args.deadline)
@@ -303,7 +340,8 @@ async def run_one(args, db_label, db_context, n):
             warnings = outpost.warnings()
     bench.notes.append(f"Outpost log: {len(warnings)} warnings/errors; unexpected statuses: {bench.errors or 'none'}")
     bench.notes += [f"  {line[:200]}" for line in warnings[:3]]
-    bench.notes.append(f"wall time for N={n}: {time.perf_counter() - began:.0f} s")
+    bench.notes.append(f"wall time for N={n}, metrics {'on' if metrics else 'off'}: "
+                       f"{time.perf_counter() - began:.0f} s")
     return bench
 
 
@@ -312,15 +350,24 @@ def report(db_label, runs):
     for bench in runs:
         for phase, concurrency, latencies, meter in bench.rows:
             rate = len(latencies) / meter.wall
-            rows.append([str(bench.n), phase, concurrency, len(latencies), f"{rate:.0f}",
+            rows.append([f"{bench.n}{' m' if bench.metrics else ''}", phase, concurrency, len(latencies), f"{rate:.0f}",
                          f2(rate / bench.ping_rate), f2(ms(pct(latencies, 50))),
                          f2(ms(pct(latencies, 99))), f2(ms(max(latencies, default=float("nan")))),
                          f2(ms(meter.server_cpu / max(1, len(latencies)))),
                          f"{meter.server_pct:.0f}%", f"{meter.other_pct:.0f}%"])  # fmt: skip
-        notes += [f"   N={bench.n}: {note}" for note in bench.notes]
+        notes += [f"   N={bench.n}{' m' if bench.metrics else ''}: {note}" for note in bench.notes]
+    for n in sorted({bench.n for bench in runs}):
+        on = [b for b in runs if b.n == n and b.metrics]
+        off = [b for b in runs if b.n == n and not b.metrics]
+        if on and off:
+            for (phase, _, lat_on, m_on), (_, _, lat_off, m_off) in zip(on[0].rows, off[0].rows):
+                if phase.startswith("poll"):
+                    rate_on, rate_off = len(lat_on) / m_on.wall, len(lat_off) / m_off.wall
+                    notes.append(f"   N={n} {phase}: {rate_on:.0f} polls/s with metrics, {rate_off:.0f} "
+                                 f"without (x {rate_on / rate_off:.3f})")  # fmt: skip
     print_table(
         f"{db_label}: requests/s, latency (ms), Outpost CPU",
-        ["N", "phase", "in flight", "requests", "req/s", "x ping", "p50", "p99", "max",
+        ["N (m: metrics)", "phase", "in flight", "requests", "req/s", "x ping", "p50", "p99", "max",
          "CPU ms/req", "outpost CPU", "others CPU"],
         rows,
     )  # fmt: skip
@@ -341,7 +388,8 @@ async def main(args):
             db_context = lambda workdir: _PGDatabase(args.pg_url)  # noqa: E731
         runs = []
         for n in args.servers:
-            runs.append(await run_one(args, db_label, db_context, n))
+            for metrics in args.metrics:
+                runs.append(await run_one(args, db_label, db_context, n, metrics))
             print(f"  ({db_label} N={n} done after {time.perf_counter() - began:.0f} s)", file=sys.stderr)
         report(db_label, runs)
     print(f"\ntotal benchmark time: {time.perf_counter() - began:.0f} s")
@@ -372,7 +420,11 @@ def parse_args(argv=None):
                         help="after the idle poll run, poll again under py-spy; raw profiles go to DIR")
     parser.add_argument("--profile-seconds", type=float, default=10, help="length of the profiled poll run")
     parser.add_argument("--quick", action="store_true", help="N 200, polls for 6 s: a smoke run")
+    parser.add_argument("--metrics", choices=["on", "off", "both"], default="on",
+                        help="Prometheus metrics in the Outpost (both: a run with and one without, "
+                        "and the ratio of their poll rates)")
     args = parser.parse_args(argv)
+    args.metrics = {"on": [True], "off": [False], "both": [False, True]}[args.metrics]
     args.db = [d.strip() for d in args.db.split(",") if d.strip()]
     args.servers = [int(n) for n in args.servers.split(",")]
     if args.quick:

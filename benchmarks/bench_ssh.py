@@ -24,6 +24,7 @@ openssh-server``) and root (sshd's privilege separation directory
 
 import argparse
 import base64
+import http.client
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -260,6 +262,46 @@ def start_destination_server(outpost_port):
     return service, f"services/bench/{body['user_options']['start_id']}"
 
 
+def poll_p99(outpost_port, path, seconds):
+    """p99 of the Outpost's answer to one hub's poll, polled back to back"""
+    credentials = base64.b64encode(f"bench:{HUBS['bench']}".encode()).decode()
+    conn = http.client.HTTPConnection("127.0.0.1", outpost_port, timeout=30)
+    times = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        began = time.perf_counter()
+        conn.request("GET", "/" + path, headers={"Authorization": "Basic " + credentials})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200, response.status
+        times.append(time.perf_counter() - began)
+        time.sleep(0.005)
+    conn.close()
+    return sorted(times)[int(0.99 * len(times))]
+
+
+def poll_p99_during_transfers(outpost_port, path, local_port, seconds):
+    """Poll p99 while uploads and downloads run through ``local_port``
+    (no transfer when it is None)"""
+    stop = threading.Event()
+
+    def transfer():
+        while not stop.is_set():
+            upload(local_port, 32_000_000)
+            download(local_port, 32_000_000)
+
+    worker = threading.Thread(target=transfer) if local_port else None
+    if worker:
+        worker.start()
+        time.sleep(0.5)
+    try:
+        return poll_p99(outpost_port, path, seconds)
+    finally:
+        stop.set()
+        if worker:
+            worker.join()
+
+
 def wait_ping(port, timeout=30):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -289,6 +331,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mb", type=int, default=256, help="MB per transfer and direction")
     parser.add_argument("--pings", type=int, default=2000, help="one-byte round trips")
+    parser.add_argument("--poll-seconds", type=float, default=5, help="seconds of polls per load")
     args = parser.parse_args()
     for tool in ("ssh", "ssh-keygen", "/usr/sbin/sshd"):
         if not shutil.which(tool):
@@ -334,6 +377,16 @@ def main():
         row("sshd", via_sshd, None)
         row("outpost", via_outpost, via_sshd)
         print("(CPU ms/MB: the server side only; rtt in ms; x sshd: the Outpost's figure over sshd's)")
+
+        # what carrying the tunnels costs the HTTP API: the hub's polls, idle,
+        # while sshd carries a bulk transfer (the Outpost only answers polls;
+        # the machine's CPUs are as busy), and while the Outpost carries it
+        idle = poll_p99_during_transfers(outpost.port, server_path, None, args.poll_seconds)
+        beside = poll_p99_during_transfers(outpost.port, server_path, sshd_local, args.poll_seconds)
+        inside = poll_p99_during_transfers(outpost.port, server_path, outpost_local, args.poll_seconds)
+        print(f"poll p99: idle {idle * 1e3:.2f} ms, bulk transfer through sshd {beside * 1e3:.2f} ms "
+              f"(x idle {beside / idle:.2f}), through the Outpost {inside * 1e3:.2f} ms "
+              f"(x idle {inside / idle:.2f}, x sshd {inside / beside:.2f})")
     finally:
         for proc in forwards or []:
             proc.kill()

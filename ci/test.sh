@@ -12,7 +12,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # System packages the tests need, space separated (installed only as root).
-APT_PACKAGES="openssh-client"
+# munge, slurmctld, slurmd, slurm-client: a one-node Slurm for the batch job
+# tests (tests/slurm.py starts it with ci/slurm-localhost.sh).
+APT_PACKAGES="openssh-client chromium munge slurmctld slurmd slurm-client"
 
 if [[ -n "${APT_PACKAGES// /}" ]]; then
     if [[ "$(id -u)" == 0 ]]; then

@@ -26,6 +26,7 @@ from traitlets import (
     Float,
     Integer,
     List,
+    TraitError,
     Unicode,
     Union,
     default,
@@ -33,14 +34,16 @@ from traitlets import (
 )
 from traitlets.config import Application, catch_config_error
 
-from . import crypto, dbutil, flavors, orm
+from . import configfile, credits, crypto, dbutil, flavors, orm
 from ._version import __version__
 from .handlers import default_handlers
 from .handlers.base import NotFoundAPIHandler
 from .handlers.spec import load_spec
 from .background import BackgroundWork
 from .hubclient import HubClient
-from .log import install_scrubber, log_request, secrets
+from .metrics import OutpostMetrics
+from .status import StatusPage
+from .log import JSONLogFormatter, install_scrubber, log_request, secrets
 from .policy import DEFAULT_OVERRIDES, OutpostPolicy, is_valid_hub_name
 from .servers import ServerManager
 from .utils import url_path_join
@@ -68,6 +71,10 @@ flags = {
     "generate-config": (
         {"JupyterHubOutpost": {"generate_config": True}},
         "Write a commented default configuration file (to -f) and exit.",
+    ),
+    "y": (
+        {"JupyterHubOutpost": {"answer_yes": True}},
+        "With --generate-config: overwrite an existing file.",
     ),
 }
 
@@ -117,6 +124,8 @@ class JupyterHubOutpost(Application):
     flags = flags
     subcommands = {
         "upgrade-db": (UpgradeDB, "Upgrade the database schema to this version."),
+        "servers": ("jupyterhub_outpost.cli.ServersCommand", "List the recorded servers, per hub."),
+        "history": ("jupyterhub_outpost.cli.HistoryCommand", "The recent starts of one user."),
     }
     _log_formatter_cls = LogFormatter
 
@@ -124,7 +133,8 @@ class JupyterHubOutpost(Application):
     def classes(self):
         from jupyterhub.spawner import LocalProcessSpawner, SimpleLocalProcessSpawner
 
-        return [JupyterHubOutpost, HubClient, Spawner, LocalProcessSpawner, SimpleLocalProcessSpawner]
+        return [JupyterHubOutpost, HubClient, OutpostMetrics, StatusPage, Spawner,
+                LocalProcessSpawner, SimpleLocalProcessSpawner]
 
     instance_name = Unicode(
         help="""A name for this process in logs and leases (default: host name and pid).""",
@@ -142,6 +152,14 @@ class JupyterHubOutpost(Application):
     generate_config = Bool(False, help="Write a commented configuration file and exit.").tag(
         config=True
     )
+
+    answer_yes = Bool(
+        False,
+        help="""With ``--generate-config``: overwrite the file if it exists (``-y``).
+
+        .. versionadded:: 0.3
+        """,
+    ).tag(config=True)
 
     ip = Unicode(
         "",
@@ -450,6 +468,31 @@ class JupyterHubOutpost(Application):
         """,
     ).tag(config=True)
 
+    server_output_dir = Unicode(
+        "outpost-server-output",
+        help="""Directory where the output of LocalProcessSpawner servers is kept,
+        one file per start (``<hub>/<name>~<start_id>.log``, 0600, in 0700
+        folders), removed when the server stops. Its last lines tell the user
+        why a server ended right after its start (``early_exit_window``).
+        Not used when ``c.Spawner.popen_kwargs`` sets ``stdout`` or ``stderr``.
+        Default: ``outpost-server-output`` in the working directory.
+
+        .. versionadded:: 0.3
+        """,
+    ).tag(config=True)
+
+    early_exit_window = Float(
+        20,
+        help="""Seconds after a start during which the Outpost polls the new
+        server each second. If it ends meanwhile, the hub is sent a failed
+        progress event with its exit status and last output lines, so the
+        user sees why at once instead of waiting for the hub's timeout.
+        0 turns the watch off. Default: 20.
+
+        .. versionadded:: 0.3
+        """,
+    ).tag(config=True)
+
     concurrent_bookkeeping = Integer(
         8,
         help="""How many starts and stops at a time do the Outpost's own work
@@ -613,11 +656,63 @@ class JupyterHubOutpost(Application):
         Empty (default): such a start is refused with the list of flavors.""",
     ).tag(config=True)
 
+    credits = Dict(
+        help="""Credits: the budgets the hubs' credit services may charge,
+        answered at ``GET /credits`` (the hub's) and ``POST /usercredits``
+        (one user's, by the authentication object, after
+        ``update_user_authentication``). Three keys: ``credits`` (name to an
+        object, the budget as the credit service reads it), ``hubs`` (rules by
+        hub name pattern: ``credits``, the names the hub may use, and
+        ``creditsOverride``, keys to change per credit) and ``users`` (rules
+        as the flavors' ``users``: ``authentication``, ``weight``,
+        ``forbidden``, ``credits``, ``creditsOverride``)::
+
+            c.JupyterHubOutpost.credits = {
+                "credits": {"cpu-hours": {"budget": 1000, "unit": "core-hours"}},
+                "hubs": {"main": {"hub": "hub-main", "credits": ["cpu-hours"]}},
+                "users": {
+                    "students": {"authentication": {"groups": "students"},
+                                 "creditsOverride": {"cpu-hours": {"budget": 100}}},
+                },
+            }
+
+        Default: none (both endpoints answer ``{}``).
+
+        .. versionadded:: 0.3
+        """,
+    ).tag(config=True)
+
+    @validate("credits")
+    def _credits_valid(self, proposal):
+        try:
+            credits.check(proposal.value)
+        except ValueError as e:
+            raise TraitError(str(e)) from None
+        return proposal.value
+
+    history_retention_days = Float(
+        7,
+        help="""Days the spawn history keeps a start (its events, outcome and
+        failure reason) after it began. Default: 7.
+
+        .. versionadded:: 0.3
+        """,
+    ).tag(config=True)
+
+    history_per_user = Integer(
+        20,
+        help="""Most starts the spawn history keeps per user of a hub (the
+        newest). Default: 20.
+
+        .. versionadded:: 0.3
+        """,
+    ).tag(config=True)
+
     flavor_config_file = Unicode(
         "",
         help="""A YAML file with the keys ``flavors``, ``hubs``, ``users``,
-        ``global_max_per_user`` and ``default_flavor``, read at startup;
-        its values replace the settings of the same names.""",
+        ``global_max_per_user``, ``default_flavor`` and ``credits``, read at
+        startup; its values replace the settings of the same names.""",
     ).tag(config=True)
 
     update_user_authentication = Callable(
@@ -702,7 +797,7 @@ class JupyterHubOutpost(Application):
 
     ssh_recreate_forward = Dict(
         help="""Per hub: rebuild all its forwards with one call instead of one
-        per server.
+        per server (an older spelling of ``hub_api``'s ``system``).
 
         For each hub name: ``url`` (the hub's API, ``https://hub/hub/api``),
         ``token`` (an API token with the scope ``custom:sshnode:restart``) and
@@ -768,8 +863,77 @@ class JupyterHubOutpost(Application):
         """,
     ).tag(config=True)
 
+    hub_api = Dict(
+        help="""Per hub: the Outpost's own access to that hub's API, as a service
+        registered at the hub (see the how-to "Register the Outpost at a hub").
+        One place for everything the Outpost asks a hub on its own behalf.
+
+        For each hub name: ``url`` (the hub's API, ``https://hub/hub/api``) and
+        ``token`` (the service's API token), and what to use them for:
+
+        - ``housekeeping``: True, or ``{"interval": s, "grace": s}`` (defaults
+          300 and 600): periodically stop servers the hub no longer knows
+          (the token needs the scope ``custom:servers:list``);
+        - ``system``: the name the hub's OutpostSpawner gives this Outpost
+          (``user_options["system"]``): after a start of the Outpost, rebuild
+          all the hub's SSH forwards with one ``GET {url}/recreateforward/{system}``
+          instead of one setuptunnel call per server (scope
+          ``custom:sshnode:restart``)::
+
+            c.JupyterHubOutpost.hub_api = {
+                "hub-a": {"url": "https://hub-a.example.org/hub/api",
+                          "token": os.environ["HUB_A_OUTPOST_TOKEN"],
+                          "housekeeping": {"grace": 900}, "system": "cluster-1"},
+            }
+
+        - ``oauth_client_id`` and ``oauth_redirect_uri`` (and ``hub_url``, the
+          hub as browsers reach it, default: ``url`` without ``/hub/api``):
+          the hub's admins sign in at ``/hub-status/<hub>/`` with their hub
+          accounts (OAuth, as JupyterHub's services do) and see that hub's
+          part of the status page. The redirect URI is
+          ``https://<outpost>/hub-status/<hub>/oauth_callback``.
+
+        ``hub_housekeeping`` and ``ssh_recreate_forward`` are older spellings of
+        the same, read as entries of this setting.
+
+        .. versionadded:: 0.3
+        """,
+    ).tag(config=True)
+
+    @validate("hub_api")
+    def _validate_hub_api(self, proposal):
+        for hub, settings in proposal.value.items():
+            if not isinstance(settings, dict) or not settings.get("url") or not settings.get("token"):
+                raise TraitError(f"hub_api[{hub!r}] needs a url and a token")
+            unknown = set(settings) - {"url", "token", "housekeeping", "system", "oauth_client_id",
+                                       "oauth_redirect_uri", "hub_url"}
+            if unknown:
+                raise TraitError(f"hub_api[{hub!r}] has unknown keys: {', '.join(sorted(unknown))}")
+            if not isinstance(settings.get("housekeeping", False), (bool, dict)):
+                raise TraitError(f"hub_api[{hub!r}]['housekeeping'] must be true, false or an object")
+        return proposal.value
+
+    def housekeeping_settings(self):
+        """``{hub: {url, token, interval, grace}}`` of the hubs to keep house for"""
+        found = {hub: dict(settings) for hub, settings in self.hub_housekeeping.items()}
+        for hub, settings in self.hub_api.items():
+            wanted = settings.get("housekeeping", False)
+            if wanted:
+                found[hub] = {"url": settings["url"], "token": settings["token"],
+                              **(wanted if isinstance(wanted, dict) else {})}  # fmt: skip
+        return found
+
+    def recreate_forward_settings(self):
+        """``{hub: {url, token, system}}`` of the hubs that rebuild forwards with one call"""
+        found = {hub: dict(settings) for hub, settings in self.ssh_recreate_forward.items()}
+        for hub, settings in self.hub_api.items():
+            if settings.get("system"):
+                found[hub] = {"url": settings["url"], "token": settings["token"], "system": settings["system"]}
+        return found
+
     hub_housekeeping = Dict(
-        help="""Per hub: periodically stop servers the hub no longer knows.
+        help="""Per hub: periodically stop servers the hub no longer knows
+        (an older spelling of ``hub_api``'s ``housekeeping``).
 
         For each hub name: ``url`` (the hub's API, ``https://hub/hub/api``),
         ``token`` (an API token with the scope ``custom:servers:list``, for the
@@ -912,6 +1076,38 @@ class JupyterHubOutpost(Application):
         """,
     ).tag(config=True)
 
+    ssh_max_channels_per_hub = Integer(
+        2048,
+        help="""Most forwarded connections one hub may have open at once, over
+        all its SSH connections; more are refused. Default: 2048.
+
+        With ``ssh_channel_window``, this bounds the memory one hub can make
+        the Outpost hold: each open forward buffers at most its window of data
+        from the hub, and 0.5 MiB on its way to the hub (2048 forwards with
+        the default window: at most 5 GiB, when every server stops reading).
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    ssh_channel_window = Integer(
+        2 * 1024 * 1024,
+        help="""Bytes a hub may send into one forward before the Outpost has
+        passed them on to the server (the SSH channel window). Larger windows
+        carry more over links with a long round trip; smaller ones bound the
+        memory of many forwards (see ``ssh_max_channels_per_hub``).
+        Default: 2 MiB, as OpenSSH's sshd.
+
+        .. versionadded:: 0.2
+        """,
+    ).tag(config=True)
+
+    @validate("ssh_channel_window")
+    def _ssh_channel_window_valid(self, proposal):
+        if not 32 * 1024 <= proposal.value <= 2**31 - 1:
+            raise TraitError("ssh_channel_window must lie between 32 KiB and 2 GiB")
+        return proposal.value
+
     ssh_connect_timeout = Float(
         10,
         help="""Seconds to wait for a server to accept a forwarded connection.
@@ -938,6 +1134,9 @@ class JupyterHubOutpost(Application):
     http_server = None
     bound_port = None
     ssh_endpoint = None
+    background = None
+    metrics = None
+    status_page = None
 
     policy = None
 
@@ -957,12 +1156,13 @@ class JupyterHubOutpost(Application):
         if self.flavor_config_file:
             with open(self.flavor_config_file) as f:
                 settings = yaml.safe_load(f) or {}
-            for key in ("flavors", "hubs", "users", "global_max_per_user", "default_flavor"):
+            for key in ("flavors", "hubs", "users", "global_max_per_user", "default_flavor", "credits"):
                 if key in settings:
                     setattr(self, key, settings[key])
             self.log.info("Flavor configuration read from %s", self.flavor_config_file)
-        for name in (self.hub_housekeeping or {}):
-            secrets.add(self.hub_housekeeping[name].get("token"))
+        for settings in [*self.hub_housekeeping.values(), *self.hub_api.values(),
+                         *self.ssh_recreate_forward.values()]:  # fmt: skip
+            secrets.add(settings.get("token"))
         if self.flavors:
             self.log.info("Flavors: %s", ", ".join(flavors.sorted_names(self.flavors)))
 
@@ -970,9 +1170,10 @@ class JupyterHubOutpost(Application):
 
     def init_logging(self):
         self.log.propagate = False
-        formatter = self._log_formatter_cls(
-            fmt=self.log_format, datefmt=self.log_datefmt
-        )
+        if self.enable_json_log:
+            formatter = JSONLogFormatter()
+        else:
+            formatter = self._log_formatter_cls(fmt=self.log_format, datefmt=self.log_datefmt)
         for handler in self.log.handlers:
             handler.setFormatter(formatter)
         # traitlets keeps self.log at DEBUG and filters in the handlers. Give the
@@ -987,6 +1188,18 @@ class JupyterHubOutpost(Application):
             logger.setLevel(level)
         access_log.setLevel(level)
         install_scrubber()
+
+    enable_json_log = Bool(
+        False,
+        help="""Write the log as one JSON object per line, for shipping to Loki,
+        Elasticsearch and the like: ``time`` (UTC), ``level``, ``logger``,
+        ``message``, and ``hub``, ``server`` and ``start_id`` on the lines about
+        one server. Secrets are removed as from the text log. Default: False
+        (the text format of ``log_format``).
+
+        .. versionadded:: 0.3
+        """,
+    ).tag(config=True)
 
     @default("log_level")
     def _log_level_default(self):
@@ -1065,6 +1278,27 @@ class JupyterHubOutpost(Application):
         self.server_manager = ServerManager(self, policy=self.policy)
         self.log.info("Spawner: %s.%s", self.spawner_class.__module__, self.spawner_class.__name__)
 
+    def init_metrics(self):
+        metrics = OutpostMetrics(self)
+        if not metrics.enabled:
+            return
+        self.metrics = metrics
+        self.db.observer = metrics.db_call
+        self.hub_client.on_failure = metrics.callback_failed
+        if metrics.authenticate and not metrics.token and not metrics.open_networks:
+            self.log.info(
+                "Metrics at %s need c.OutpostMetrics.token (or OUTPOST_METRICS_TOKEN) to be read",
+                url_path_join(self.base_url, "metrics"),
+            )
+
+    def init_status_page(self):
+        self.status_page = StatusPage(self)
+        if not self.status_page.enabled:
+            self.log.info(
+                "The status page at %s needs c.StatusPage.operator_credentials (or %s)",
+                self.base_url, "OUTPOST_OPERATOR_CREDENTIALS",
+            )
+
     def init_ssh(self):
         if not self.enable_ssh:
             return
@@ -1129,6 +1363,8 @@ class JupyterHubOutpost(Application):
             policy=self.policy,
             log=self.log,
             openapi=load_spec(),
+            # signs the cookies of the hub admins' sign-in (/hub-status/<hub>/)
+            cookie_secret=self.crypt.derived_secret("cookies"),
         )
 
     @catch_config_error
@@ -1142,11 +1378,15 @@ class JupyterHubOutpost(Application):
         self.init_logging()
         if self.config_file and not os.path.exists(self.config_file):
             self.log.info("No config file %s: running on the defaults", self.config_file)
+        elif self.config_file:
+            self.log.info("Loaded config file %s", os.path.abspath(self.config_file))
         self.init_secrets()
         self.init_flavors()
         self.init_db()
         self.init_policy()
         self.init_servers()
+        self.init_metrics()
+        self.init_status_page()
         self.init_ssh()
         self.init_tornado_application()
 
@@ -1155,13 +1395,30 @@ class JupyterHubOutpost(Application):
             super().load_config_file(filename, path=path)
 
     def write_config_file(self):
-        if os.path.exists(self.config_file):
-            print(f"{self.config_file} exists; not overwriting it.", file=sys.stderr)
+        if os.path.exists(self.config_file) and not self.answer_yes:
+            print(f"{self.config_file} exists; not overwriting it (-y overwrites).", file=sys.stderr)
             self.exit(1)
         text = self.generate_config_file()
         with open(self.config_file, "w") as f:
             f.write(text)
         print(f"Wrote configuration to {self.config_file}")
+
+    def generate_config_file(self, classes=None):
+        """The commented configuration file, with the computed defaults of
+        the Outpost's own settings written as they are computed"""
+        from functools import lru_cache
+
+        text = super().generate_config_file(classes)
+        fresh = lru_cache(maxsize=None)(lambda cls: cls())
+        return configfile.generated(
+            text,
+            {
+                JupyterHubOutpost: lambda: fresh(JupyterHubOutpost),
+                HubClient: lambda: fresh(HubClient),
+                OutpostMetrics: lambda: None,  # its computed default comes from the environment
+                StatusPage: lambda: None,  # so do its own
+            },
+        )
 
     # running
 
@@ -1190,6 +1447,8 @@ class JupyterHubOutpost(Application):
             self.ssh_endpoint.start()
         self._stopped = asyncio.Event()
         self.background.start()
+        if self.metrics is not None:
+            self.metrics.start()
         # What exists now (modules, configuration, the application) lives as
         # long as the process: keep it out of the garbage collector's full
         # collections, which stop the event loop for as long as they scan.
@@ -1201,7 +1460,9 @@ class JupyterHubOutpost(Application):
     async def launch(self):
         """Run until SIGTERM or SIGINT (the console script's main loop)"""
         if self.subapp:
-            self.subapp.start()
+            started = self.subapp.start()
+            if asyncio.iscoroutine(started):  # the commands that read the database
+                await started
             return
         if self.generate_config:
             self.write_config_file()
@@ -1217,6 +1478,8 @@ class JupyterHubOutpost(Application):
         """Stop listening, cancel starts in flight; running servers keep running"""
         self.log.info("Shutting down; running servers keep running")
         await self.background.stop()
+        if self.metrics is not None:
+            await self.metrics.stop()
         if self.http_server is not None:
             self.http_server.stop()
         if self.ssh_endpoint is not None:

@@ -119,6 +119,18 @@ class BackgroundWork(LoggingConfigurable):
             await self.enforce_runtimes()
         if await self.renew():
             await self.housekeeping()
+        if await self.renew():
+            await self.prune_history()
+
+    async def prune_history(self):
+        """Forget the starts the spawn history no longer keeps"""
+        try:
+            removed = await self.app.server_manager.history.prune()
+        except Exception as e:
+            self.log.warning("Spawn history: pruning failed: %s", e)
+            return
+        if removed:
+            self.log.info("Spawn history: forgot %i old start(s)", removed)
 
     async def _take_from_dead_holder(self):
         """Take the lease at once when its holder is known to be gone (a crash
@@ -171,7 +183,7 @@ class BackgroundWork(LoggingConfigurable):
             if end_date <= now:
                 self.log.info("%s/%s/%s - runtime ended; stopping", *record.key)
                 try:
-                    await manager.stop(*record.key)
+                    await manager.stop(*record.key, outcome="expired")
                 except Exception as e:
                     self.log.error("%s/%s/%s - stop at end of runtime failed: %s", *record.key, e)
             elif not record.end_warned and self.app.runtime_warning > 0:
@@ -192,7 +204,7 @@ class BackgroundWork(LoggingConfigurable):
     async def housekeeping(self):
         """Stop servers that a hub no longer knows (per hub, when configured)"""
         now = utcnow()
-        for hub, settings in self.app.hub_housekeeping.items():
+        for hub, settings in self.app.housekeeping_settings().items():
             interval = settings.get("interval", 300)
             last = self._last_housekeeping.get(hub)
             if last is not None and (now - last).total_seconds() < interval:

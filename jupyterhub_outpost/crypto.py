@@ -75,9 +75,18 @@ class CryptKeeper:
         if not keys:
             raise EncryptionError("No encryption key configured")
         self.fernet = MultiFernet([Fernet(normalize_key(k)) for k in keys])
+        self._first_key = normalize_key(keys[0])
 
     def encrypt(self, data: bytes) -> bytes:
         return self.fernet.encrypt(data)
+
+    def derived_secret(self, purpose: str) -> bytes:
+        """A secret for ``purpose`` (signing cookies, ...), the same in every
+        process with the same encrypting key"""
+        import hashlib
+        import hmac
+
+        return hmac.new(self._first_key, b"jupyterhub-outpost " + purpose.encode(), hashlib.sha256).digest()
 
     def decrypt(self, data: bytes) -> bytes:
         try:

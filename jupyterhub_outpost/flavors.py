@@ -68,7 +68,7 @@ def authentication_matches(rule_fields, authentication):
     )
 
 
-def _rules(rules):
+def normal_rules(rules):
     """Normalise rules given as a dict (name -> rule) or a list"""
     if isinstance(rules, dict):
         return [dict(rule, name=name) for name, rule in rules.items()]
@@ -90,7 +90,7 @@ def hub_flavor_names(flavors, hub_rules, hub):
     Without hub rules every hub may use every flavor; with rules, a hub no
     rule matches may use none.
     """
-    rules = _rules(hub_rules)
+    rules = normal_rules(hub_rules)
     if not rules:
         return list(flavors)
     matching = [r for r in rules if match_pattern(r.get("hub", r.get("name", "")), hub)]
@@ -104,7 +104,7 @@ def hub_flavor_names(flavors, hub_rules, hub):
 def user_rule(user_rules, hub, authentication):
     """The best ``users`` rule for this user of this hub, or None"""
     matching = []
-    for rule in _rules(user_rules):
+    for rule in normal_rules(user_rules):
         if "hub" in rule and not match_pattern(rule["hub"], hub):
             continue
         matched = authentication_matches(rule.get("authentication"), authentication or {})

@@ -25,8 +25,21 @@ RETRY_STATUS = {429, 502, 503, 504, 599}
 MAX_BACKOFF = 60
 
 
+# what a failed call is counted as (OutpostMetrics' hub_callback_failures)
+FAILURE_KINDS = {
+    "progress event": "event",
+    "flavor update": "flavor_update",
+    "setuptunnel": "setuptunnel",
+    "recreateforward": "recreateforward",
+    "server list": "housekeeping",
+}
+
+
 class HubClient(LoggingConfigurable):
     """Posts events and flavor usage to the hubs"""
+
+    # called with the kind of each call that failed (see FAILURE_KINDS)
+    on_failure = None
 
     request_timeout = Float(
         10,
@@ -67,13 +80,19 @@ class HubClient(LoggingConfigurable):
             self.log.warning(
                 "%s - %s to %s failed: %s", log_name, what, scrub_url(url), e.code
             )
+            self._failed(what)
             return False
         except Exception as e:
             self.log.warning(
                 "%s - %s to %s failed: %s", log_name, what, scrub_url(url), e
             )
+            self._failed(what)
             return False
         return True
+
+    def _failed(self, what):
+        if self.on_failure is not None:
+            self.on_failure(FAILURE_KINDS[what])
 
     async def _fetch_status(self, request, what, log_name):
         """Send ``request``; its HTTP status, 599 when no answer came"""
@@ -99,6 +118,8 @@ class HubClient(LoggingConfigurable):
             request = make_request()
             tries += 1
             status = await self._fetch_status(request, what, log_name)
+            if status >= 300:
+                self._failed(what)
             if status < 300 or status not in RETRY_STATUS or tries > retries:
                 return status, tries
             wait = min(backoff * 2 ** (tries - 1), MAX_BACKOFF)
@@ -172,12 +193,15 @@ class HubClient(LoggingConfigurable):
             names = json.loads(response.body)
         except HTTPClientError as e:
             self.log.warning("%s - server list from %s failed: %s", log_name, scrub_url(url), e.code)
+            self._failed("server list")
             return None
         except Exception as e:
             self.log.warning("%s - server list from %s failed: %s", log_name, scrub_url(url), e)
+            self._failed("server list")
             return None
         if not isinstance(names, list):
             self.log.warning("%s - server list from %s is not a list", log_name, scrub_url(url))
+            self._failed("server list")
             return None
         return {str(n) for n in names}
 

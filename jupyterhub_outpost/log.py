@@ -1,6 +1,7 @@
 """Logging: an access log without credentials, and a filter that keeps
 secrets out of every log line (ours and the spawners')."""
 
+import datetime
 import json
 import logging
 import re
@@ -186,6 +187,38 @@ def install_scrubber():
 
     logging.setLogRecordFactory(scrubbing_factory)
     _scrubbing_factory_installed = True
+
+
+# "hub/server/start_id - ...": how the Outpost's lines about one server begin
+_LOG_NAME_RE = re.compile(r"(?P<hub>[A-Za-z0-9][A-Za-z0-9_.\-]*)/(?P<server>[^/\s]*)/(?P<start_id>[^/\s]+) - ")
+
+
+class JSONLogFormatter(logging.Formatter):
+    """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``,
+    ``logger``, ``message``, and ``hub``, ``server``, ``start_id`` where the
+    line is about one server; ``exception`` with a traceback. Messages are
+    already scrubbed (see :func:`install_scrubber`)."""
+
+    def format(self, record):
+        message = record.getMessage()
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": message,
+        }
+        found = _LOG_NAME_RE.match(message)
+        if found:
+            entry.update(found.groupdict())
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        return json.dumps(entry, ensure_ascii=False)
+
+    def formatTime(self, record, datefmt=None):
+        moment = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def scrub_url(url):

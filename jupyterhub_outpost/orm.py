@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -22,6 +23,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -93,7 +95,8 @@ class Server(Base):
     name: Mapped[str] = mapped_column(Unicode(255))
     start_id: Mapped[str] = mapped_column(Unicode(128))
     spawner_class: Mapped[str] = mapped_column(Unicode(1023))
-    flavor: Mapped[Optional[str]] = mapped_column(Unicode(255), nullable=True)
+    # indexed: flavor limits count the servers of one flavor
+    flavor: Mapped[Optional[str]] = mapped_column(Unicode(255), nullable=True, index=True)
     # encrypted JSON: Spawner.get_state()
     state: Mapped[Optional[bytes]] = mapped_column(LargeBinary, nullable=True)
     # encrypted JSON: env, user_options, misc of the start request (no certificates)
@@ -114,6 +117,31 @@ class Server(Base):
     # the Outpost process that runs this server's pending start or stop
     # (its process lease tells whether it still lives); "" when none
     owner: Mapped[str] = mapped_column(Unicode(255), default="")
+
+
+class StartRecord(Base):
+    """One start as it happened, kept after its server is gone (the spawn
+    history, :mod:`jupyterhub_outpost.history`)"""
+
+    __tablename__ = "start_history"
+    __table_args__ = (
+        UniqueConstraint("hub_id", "name", "start_id"),
+        Index("ix_start_history_user_started", "hub_id", "user_id", "started"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    hub_id: Mapped[int] = mapped_column(ForeignKey("hubs.id", ondelete="CASCADE"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(Unicode(255))
+    start_id: Mapped[str] = mapped_column(Unicode(128))
+    flavor: Mapped[Optional[str]] = mapped_column(Unicode(255), nullable=True)
+    started: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # when the start ended (ready, failed or cancelled), and when the server did
+    ended: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True), nullable=True)
+    stopped: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True), nullable=True)
+    # starting, ready, failed, cancelled, stopped, expired
+    outcome: Mapped[str] = mapped_column(Unicode(32), default="starting")
+    # encrypted JSON: {"events": [...], "reason": ..., "logs": [...]}, scrubbed
+    data: Mapped[Optional[bytes]] = mapped_column(LargeBinary, nullable=True)
 
 
 class Lease(Base):
@@ -344,6 +372,8 @@ class Database:
         self._user_ids = {}  # (hub id, hub's user id) -> (user id, name)
         # the process whose starts add_server records (see servers.owner)
         self.owner = ""
+        # called with (kind, seconds, failed) after each call, in its thread
+        self.observer = None
 
     async def _run(self, fn, *args):
         """Run ``fn(connection, *args)`` in a writer thread, in one transaction"""
@@ -358,14 +388,21 @@ class Database:
         )
 
     def _call(self, fn, *args, read_only=False):
+        began, failed = time.perf_counter(), True
         try:
             if read_only:
                 with self.engine.connect() as connection:
-                    return fn(connection, *args)
-            with self.engine.begin() as connection:
-                return fn(connection, *args)
+                    result = fn(connection, *args)
+            else:
+                with self.engine.begin() as connection:
+                    result = fn(connection, *args)
+            failed = False
+            return result
         except (OperationalError, InterfaceError) as e:
             raise _unavailable(e) from e
+        finally:
+            if self.observer is not None:
+                self.observer("read" if read_only else "write", time.perf_counter() - began, failed)
 
     # the hot read path: a DBAPI connection per reader thread
 
@@ -391,6 +428,16 @@ class Database:
 
     def _fetch_one(self, statement, values):
         """One row of a precompiled statement; reconnects once after a lost connection"""
+        began, failed = time.perf_counter(), True
+        try:
+            row = self._fetch_one_row(statement, values)
+            failed = False
+            return row
+        finally:
+            if self.observer is not None:
+                self.observer("poll", time.perf_counter() - began, failed)
+
+    def _fetch_one_row(self, statement, values):
         for attempt in (1, 2):
             try:
                 cursor = self._reader().cursor()
@@ -555,6 +602,24 @@ class Database:
         user_flavor = sum(n for f, n in user_rows if f == flavor)
         return total, user_flavor, sum(n for _, n in user_rows)
 
+    async def server_summary(self):
+        """``{(hub, flavor, state): servers}`` of all records, with state
+        pending, running or stopping and flavor "" for none (one grouped query)"""
+        return await self._read(self._server_summary)
+
+    def _server_summary(self, connection):
+        rows = connection.execute(
+            select(Hub.name, Server.flavor, Server.start_pending, Server.stop_pending, func.count())
+            .join(Hub, Hub.id == Server.hub_id)
+            .group_by(Hub.name, Server.flavor, Server.start_pending, Server.stop_pending)
+        ).all()
+        summary = {}
+        for hub, flavor, start_pending, stop_pending, count in rows:
+            state = "stopping" if stop_pending else "pending" if start_pending else "running"
+            key = (hub, flavor or "", state)
+            summary[key] = summary.get(key, 0) + count
+        return summary
+
     async def flavor_counts(self):
         """Flavor name -> servers running now (stopping ones excluded)"""
         return await self._read(self._flavor_counts)
@@ -618,6 +683,15 @@ class Database:
                 row[:-2], state=self._open(row[-2]), request=self._open(row[-1])
             )
         return self._record(row)
+
+    async def start_ids_of(self, hub, name, limit=2):
+        """The start ids of hub ``hub``'s servers named ``name`` (at most ``limit``)"""
+        hub_id = await self.hub_id(hub)
+        return await self._read(self._start_ids_of, hub_id, name, limit)
+
+    def _start_ids_of(self, connection, hub_id, name, limit):
+        query = select(Server.start_id).where(Server.hub_id == hub_id, Server.name == name)
+        return list(connection.scalars(query.limit(limit)))
 
     async def list_servers(self, hub=None, pending_only=False, secrets=False):
         """Servers of one hub (all hubs when ``hub`` is None)"""

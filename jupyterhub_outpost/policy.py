@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from jupyterhub.utils import maybe_future
 from traitlets import Float, Integer, TraitError
 
-from . import flavors
+from . import credits, flavors
 from .errors import AccountRefusedError, OverrideRefusedError
 from .utils import ACCOUNT_NAME_RE, HUB_NAME_RE, utcnow
 
@@ -174,14 +174,14 @@ class OutpostPolicy:
             overrides exist)
         log: the logger
         settings: the application's policy traits by name (``flavors``,
-            ``hubs``, ``users``, ``global_max_per_user``, ``default_flavor``,
+            ``hubs``, ``users``, ``global_max_per_user``, ``default_flavor``, ``credits``,
             ``update_user_authentication``, ``send_events``, ``allow_override``,
             ``allowed_overrides``, ``allowed_env_keys``, ``account_name_template``,
             ``account_name_hook``, ``min_account_uid``, ``denied_accounts``)
     """
 
     SETTINGS = (
-        "flavors", "hubs", "users", "global_max_per_user", "default_flavor",
+        "flavors", "hubs", "users", "global_max_per_user", "default_flavor", "credits",
         "update_user_authentication", "send_events", "allow_override",
         "allowed_overrides", "allowed_env_keys", "account_name_template",
         "account_name_hook", "min_account_uid", "denied_accounts",
@@ -301,6 +301,20 @@ class OutpostPolicy:
         if decision.forbidden or not self.flavors:
             return {}
         return flavors.usage_model(decision.allowed, await self.db.flavor_counts())
+
+    # credits
+
+    def hub_credits(self, hub):
+        """The credits hub ``hub`` may use ({} without credits)"""
+        return credits.hub_credits(self.credits, hub)
+
+    async def user_credits(self, hub, authentication):
+        """The credits one user of hub ``hub`` may use"""
+        if self.update_user_authentication is not None:
+            authentication = await maybe_future(
+                self.update_user_authentication(dict(authentication or {}))
+            )
+        return credits.user_credits(self.credits, hub, authentication or {})
 
     async def flavor_for_start(self, hub, request):
         """Check a start's flavor before anything runs.

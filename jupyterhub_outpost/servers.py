@@ -32,7 +32,10 @@ from .errors import (
     StopFailedError,
 )
 from . import certs
+from .earlyexit import EarlyExitWatch
+from .history import StartHistory
 from .log import secrets
+from .metrics import observed
 from .objects import OutpostDB, OutpostHub, OutpostORMSpawner, OutpostUser
 from .spawnercalls import SpawnerCalls, runs_on_loop
 from .spawners import kube, localprocess
@@ -81,6 +84,8 @@ class ManagedServer:
         self._poll_call = None  # a poll() running in a thread
         self.stop_call = None  # a stop() running in a thread
         self.log_name = "{}/{}/{}".format(*record.key)
+        self.events = []  # the progress events of its start, for the history
+        self.output_path = None  # where the server's output goes, when the Outpost keeps it
 
     @property
     def env(self):
@@ -157,6 +162,8 @@ class ServerManager(LoggingConfigurable):
             self.db, self.owner, app.pending_timeout, app.stop_timeout + OTHER_STOP_WAIT
         )
         self.calls = SpawnerCalls(app.spawner_threads)
+        self.history = StartHistory(self.db, app.history_retention_days, app.history_per_user)
+        self.early_exits = EarlyExitWatch(self, app.early_exit_window, localprocess.output_tail)
         self.keepers = StateKeepers(self.db, self.log)
         # called with the record of each server this process forgets
         self.forget_callbacks = []
@@ -271,7 +278,9 @@ class ServerManager(LoggingConfigurable):
                     end_date=end_date,
                     request=stored,
                 )
-        except (OverrideRefusedError, AccountRefusedError, FlavorError):
+        except (OverrideRefusedError, AccountRefusedError, FlavorError) as e:
+            if self.app.metrics is not None:
+                self.app.metrics.start_refused(hub, e)
             self._report_usage(hub, env)
             raise
         try:
@@ -284,6 +293,7 @@ class ServerManager(LoggingConfigurable):
             self._report_usage(hub, env)
             raise StartFailedError(e) from e
         self.active[record.key] = managed
+        await self._record_history(self.history.begin, record.id)
         task = managed.start_task = asyncio.create_task(
             self._run_start(managed, certs or {}, trust_bundles or {}, run_async)
         )
@@ -297,6 +307,7 @@ class ServerManager(LoggingConfigurable):
             raise StartCancelledError("The start was cancelled by a stop request")
         return {"service": task.result()}
 
+    @observed("start", lambda managed, *_: managed.record.hub)
     async def _run_start(self, managed, certs, trust_bundles, run_async):
         spawner = managed.spawner
         spawner._spawn_pending = True
@@ -304,10 +315,9 @@ class ServerManager(LoggingConfigurable):
         managed.keeper = self.keepers.add(managed, on_stop_requested=managed.start_task.cancel)
         try:
             if self.policy.events_enabled(managed.record.hub):
-                await self.hub_client.send_event(
-                    managed.env,
+                await self._send_event(
+                    managed,
                     {"progress": 30, "message": f"Outpost: starting the server ({type(spawner).__name__})"},
-                    managed.log_name,
                 )
             if spawner.apply_user_options is not None:
                 # as JupyterHub does, but only when configured: the protocol's
@@ -316,6 +326,7 @@ class ServerManager(LoggingConfigurable):
             await self.calls.call(spawner.run_pre_spawn_hook)
             if certs:
                 await self._install_certs(managed, certs, trust_bundles)
+            await self._capture_output(managed)
             start_future = asyncio.ensure_future(self.calls.submit(spawner.start))
             spawner._spawn_future = start_future
             if self.policy.events_enabled(managed.record.hub):
@@ -340,12 +351,21 @@ class ServerManager(LoggingConfigurable):
                 done = await managed.save_state(service=service, start_done=True)
             if not done:
                 raise _StopRequested()
+            await self._record_history(self.history.end_start, managed.record.key, "ready", managed.events)
+            if self.app.early_exit_window > 0:
+                self.early_exits.watch(managed)  # it forgets the events when done
+            else:
+                managed.events = []
             managed.release_memory()
             self.log.info("%s - started at %s", managed.log_name, service or "(address follows)")
             self._after_change(managed)
             return service
         except (asyncio.CancelledError, _StopRequested) as e:
             self.log.info("%s - start cancelled by a stop request", managed.log_name)
+            await self._record_history(
+                self.history.end_start, managed.record.key, "cancelled", managed.events,
+                "The start was cancelled by a stop request",
+            )  # fmt: skip
             await self._end_start_future(managed, start_future)
             await self._end_keeper(managed)
             await self._discard_failed_start(managed)
@@ -356,13 +376,17 @@ class ServerManager(LoggingConfigurable):
             self.log.error("%s - start failed: %s", managed.log_name, _describe(e))
             self.log.debug("%s - start failure", managed.log_name, exc_info=True)
             if run_async:
-                await self.hub_client.send_event(managed.env, _failed_event(e), managed.log_name)
+                await self._send_event(managed, _failed_event(e))
+            await self._record_history(
+                self.history.end_start, managed.record.key, "failed", managed.events, _describe(e)
+            )
             await self._end_start_future(managed, start_future)
             await self._end_keeper(managed)
             await self._discard_failed_start(managed)
             raise StartFailedError(e) from e
         finally:
             spawner._spawn_pending = False
+            localprocess.release_output(spawner)
             if managed.keeper is not None:
                 await self._end_keeper(managed)
             if forwarder is not None and not forwarder.done():
@@ -403,11 +427,22 @@ class ServerManager(LoggingConfigurable):
                 if not isinstance(event, dict):
                     continue
                 event = {k: v for k, v in event.items() if k != "ready"}
-                await self.hub_client.send_event(managed.env, event, managed.log_name)
+                await self._send_event(managed, event)
         except asyncio.CancelledError:
             raise
         except Exception:
             self.log.exception("%s - could not forward progress", managed.log_name)
+
+    async def _send_event(self, managed, event):
+        managed.events.append(event)
+        await self.hub_client.send_event(managed.env, event, managed.log_name)
+
+    async def _record_history(self, call, *args):
+        """Write to the spawn history; a failure there fails nothing else"""
+        try:
+            await call(*args)
+        except Exception as e:
+            self.log.warning("Spawn history not written (%s): %s", call.__name__, _describe(e))
 
     async def _discard_failed_start(self, managed):
         """After a failed or cancelled start: stop, forget, tell the hub.
@@ -427,8 +462,23 @@ class ServerManager(LoggingConfigurable):
             return
         await self._forget(managed)
 
+    async def _capture_output(self, managed):
+        """Keep the server's output in a file of its own, where the Spawner allows"""
+        if not localprocess.keeps_output(managed.spawner):
+            return
+        loop = asyncio.get_running_loop()
+        opening = partial(localprocess.open_output, self.app.server_output_dir, managed.record.key)
+        try:
+            fd, managed.output_path = await loop.run_in_executor(None, opening)
+        except (OSError, ValueError) as e:
+            self.log.warning("%s - the server's output is not kept: %s", managed.log_name, e)
+            return
+        localprocess.use_output(managed.spawner, fd)
+
     async def _forget(self, managed):
         await self._remove_certs(managed)
+        output = localprocess.output_file(self.app.server_output_dir, managed.record.key)
+        await asyncio.get_running_loop().run_in_executor(None, _remove_file, output)
         await self.db.delete_server(managed.record.id)
         if self.active.get(managed.record.key) is managed:
             del self.active[managed.record.key]
@@ -493,6 +543,7 @@ class ServerManager(LoggingConfigurable):
         self.log.debug("%s - spawner restored from the database", managed.log_name)
         return managed
 
+    @observed("poll", lambda hub, *_: hub)
     async def poll(self, hub, name, start_id, collect_logs=False):
         """``{"status": None}`` while running, the exit status when ended.
 
@@ -550,15 +601,18 @@ class ServerManager(LoggingConfigurable):
 
     # stop
 
-    async def stop(self, hub, name, start_id, collect_logs=False, run_async=False):
-        """Stop a server and forget it; return ``{"logs": [...]}``"""
+    async def stop(self, hub, name, start_id, collect_logs=False, run_async=False, outcome="stopped"):
+        """Stop a server and forget it; return ``{"logs": [...]}``.
+
+        ``outcome`` is what the spawn history says of it: ``stopped``, or
+        ``expired`` when its runtime ended."""
         record = await self.db.get_server(hub, name, start_id)
         if record is None:
             self._drop_stale((hub, name, start_id))
             raise ServerNotFoundError()
         task = self._stopping.get(record.key)
         if task is None:
-            task = asyncio.create_task(self._run_stop(record, collect_logs))
+            task = asyncio.create_task(self._run_stop(record, collect_logs, outcome))
             self._stopping[record.key] = task
             task.add_done_callback(lambda t: self._stopping.pop(record.key, None))
             self._keep(task)
@@ -566,7 +620,8 @@ class ServerManager(LoggingConfigurable):
             return {}
         return {"logs": await asyncio.shield(task)}
 
-    async def _run_stop(self, record, collect_logs):
+    @observed("stop", lambda record, *_: record.hub)
+    async def _run_stop(self, record, collect_logs, outcome="stopped"):
         key = record.key
         managed = self.active.get(key)
         if managed is not None and managed.starting:
@@ -597,6 +652,7 @@ class ServerManager(LoggingConfigurable):
             self.log.error("%s - post_stop_hook failed: %s", managed.log_name, _describe(e))
         managed.spawner.clear_state()
         await self._forget(managed)
+        await self._record_history(self.history.server_ended, record.key, outcome)
         self.log.info("%s - stopped", managed.log_name)
         return logs
 
@@ -689,8 +745,16 @@ class ServerManager(LoggingConfigurable):
         pending += [m.start_task for m in self.active.values() if m.start_task and not m.start_task.done()]
         if pending:
             await asyncio.wait(pending, timeout=timeout)
+        await self.early_exits.stop()
         await kube.shutdown()
         self.calls.shutdown()
+
+
+def _remove_file(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _merge_env(spawner, hub_env):

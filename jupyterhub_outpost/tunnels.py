@@ -8,7 +8,7 @@ once after its start, the Outpost asks the hubs to rebuild them:
 - for each running server, a ``POST`` of ``{"service": <start answer>}``
   to the server's ``JUPYTERHUB_SETUPTUNNEL_URL``, with the server's API
   token (the hub answers 204 once the forward works again);
-- or, for a hub named in ``ssh_recreate_forward``, one
+- or, for a hub with a ``system`` in ``hub_api``, one
   ``GET {api}/recreateforward/{system}`` that rebuilds all its forwards.
 
 Requests run in the background, a few at a time, and are retried with
@@ -42,7 +42,8 @@ class TunnelRecreation(LoggingConfigurable):
         super().__init__(parent=app, **kwargs)
         self.app = app
         self._slots = asyncio.Semaphore(max(1, app.ssh_recreate_concurrency))
-        for settings in app.ssh_recreate_forward.values():
+        self.one_call = app.recreate_forward_settings()
+        for settings in self.one_call.values():
             secrets.add(settings.get("token"))
 
     async def wanted_for(self, hub):
@@ -84,7 +85,7 @@ class TunnelRecreation(LoggingConfigurable):
 
     async def recreate_hub(self, hub, records):
         """Rebuild the forwards of one hub's running servers"""
-        settings = self.app.ssh_recreate_forward.get(hub)
+        settings = self.one_call.get(hub)
         if settings:
             return await self._recreate_forward(hub, settings, len(records))
         outcomes = await asyncio.gather(*(self._setup_tunnel(r) for r in records))

@@ -48,22 +48,36 @@ def _zombie_children(me):
 def _popen_pids():
     """Pids of this process's Popen objects not waited for yet (an in-process
     Outpost's spawners, a test's own processes): their owners reap them, and
-    read the exit status"""
-    return {
+    read the exit status.
+
+    That includes the Popen objects dropped before their process ended:
+    subprocess keeps them in its private ``_active`` list and waits for each
+    pid whenever a new Popen is made. Reaping such a pid here would leave a
+    stale entry, and once pids wrap (pid_max is 32,768 on the test machines)
+    subprocess would reap an unrelated new child, whose owner then reads a
+    made-up exit status.
+    """
+    live = {
         o.pid for o in gc.get_objects() if isinstance(o, subprocess.Popen) and o.returncode is None
     }
+    dropped = {p.pid for p in list(getattr(subprocess, "_active", None) or ())}
+    return live | dropped
 
 
 def _reap_orphans(stop):
     """Reap zombie children that are not ours to wait for"""
     me = str(os.getpid())
     owned = set()  # zombies a Popen object will reap
+    earlier = set()  # zombies of the scan before
     while not stop.wait(0.2):
         zombies = _zombie_children(me)
         owned &= zombies
         if zombies - owned:
             owned |= zombies & _popen_pids()
-        for pid in zombies - owned:
+        # a zombie seen twice: an owner (asyncio's child watcher thread, say)
+        # has had a scan's time to reap it first
+        ripe, earlier = (zombies & earlier) - owned, zombies
+        for pid in ripe:
             try:
                 os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
@@ -120,6 +134,7 @@ def outpost_config(workdir, spawner_cmd=None, **overrides):
     cfg.JupyterHubOutpost.crypt_keys = [Fernet.generate_key().decode()]
     cfg.JupyterHubOutpost.spawner_class = "jupyterhub.spawner.SimpleLocalProcessSpawner"
     cfg.JupyterHubOutpost.internal_certs_location = str(workdir / "certs")
+    cfg.JupyterHubOutpost.server_output_dir = str(workdir / "output")
     cfg.SimpleLocalProcessSpawner.home_dir_template = str(workdir / "home-{username}")
     cfg.Spawner.ip = "127.0.0.1"
     cfg.Spawner.start_timeout = 60

@@ -42,7 +42,8 @@ c.JupyterHub.services = [
 ]
 c.JupyterHub.load_roles = [
     {{"name": "e2e-admin", "scopes": ["admin:users", "admin:servers", "tokens",
-      "read:servers", "access:servers", "list:users", "read:users"],
+      "read:servers", "access:servers", "list:users", "read:users", "list:services",
+      "read:services"],
       "services": ["e2e-admin"]}},
     {{"name": "outpost-flavors", "scopes": ["custom:outpostflavors:set"],
       "services": ["outpost-flavors"]}},

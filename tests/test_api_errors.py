@@ -235,6 +235,29 @@ async def test_unknown_server_poll_and_stop_are_404(app):
     assert_error(response, 404)
 
 
+async def test_clients_without_start_id_reach_the_only_server_of_a_name(app, fake_hub):
+    assert_error(await api_request(app, "services", "legacy"), 404)
+    first = start_body(fake_hub.url, name="legacy", misc={"cmd": ["sh", "-c", "exec sleep 600"]})
+    assert (await api_request(app, "services", method="POST", body=first)).code == 200
+    response = await api_request(app, "services", "legacy")
+    assert response.code == 200 and json_of(response) == {"status": None}
+    # another hub's server of that name is not there for hub-b
+    assert_error(await api_request(app, "services", "legacy", hub="hub-b"), 404)
+    assert_error(await api_request(app, "services", "legacy", hub="hub-b", method="DELETE"), 404)
+
+    second = start_body(fake_hub.url, name="legacy", misc={"cmd": ["sh", "-c", "exec sleep 600"]})
+    assert (await api_request(app, "services", method="POST", body=second)).code == 200
+    for method in ("GET", "DELETE"):
+        assert "start id" in assert_error(await api_request(app, "services", "legacy", method=method), 409)
+    response = await api_request(app, "services", "legacy", second["user_options"]["start_id"],
+                                 method="DELETE")  # fmt: skip
+    assert response.code == 200
+    response = await api_request(app, "services", "legacy/", method="DELETE")
+    assert response.code == 200, response.body
+    assert await listing(app) == []
+    assert_error(await api_request(app, "services", "legacy", method="DELETE"), 404)
+
+
 async def test_second_start_of_same_server_is_409_without_second_process(app, fake_hub):
     body = start_body(fake_hub.url, name="twice")
     start_id = body["user_options"]["start_id"]

@@ -18,6 +18,7 @@ import sys
 import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy import inspect
+from traitlets import TraitError
 from traitlets.config import Config, PyFileConfigLoader
 
 from jupyterhub_outpost import crypto, dbutil, orm
@@ -32,6 +33,7 @@ from .utils import (
     json_of,
     new_db_url,
     sqlite_only,
+    start_body,
 )
 
 SCHEMA_FILE_TESTS = sqlite_only("copies a SQLite file and checks the backup made before upgrades")
@@ -184,8 +186,37 @@ def test_generate_config_writes_commented_file_and_never_overwrites(tmp_path):
     path.write_text("# the operator's own settings\n")
     result = run_cli("--generate-config", "-f", str(path), cwd=tmp_path)
     assert result.returncode != 0
-    assert "exists" in result.stderr
+    assert "exists" in result.stderr and "-y" in result.stderr
     assert path.read_text() == "# the operator's own settings\n"
+    result = run_cli("--generate-config", "-y", "-f", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert path.read_text() == text
+
+
+OWN_SECTIONS = ("JupyterHubOutpost", "HubClient", "OutpostMetrics", "StatusPage")
+
+
+def test_every_generated_line_of_the_outposts_settings_runs_once_uncommented(tmp_path):
+    path = tmp_path / "cfg.py"
+    result = run_cli("--generate-config", "-f", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = path.read_text()
+    assert "Undefined" not in "\n".join(
+        line for line in text.splitlines() if line.split(".")[1:2] and line.split(".")[1] in OWN_SECTIONS
+    )
+    lines = [line[2:] for line in text.splitlines()
+             if line.startswith(tuple(f"# c.{name}." for name in OWN_SECTIONS))]  # fmt: skip
+    assert len(lines) > 60
+    config = Config()
+    for line in lines:
+        exec(line, {"c": config})  # a NameError or SyntaxError fails the test
+    # and each value is one its setting accepts
+    outpost = JupyterHubOutpost(config=config)
+    for name in config.JupyterHubOutpost:
+        getattr(outpost, name)
+    # the placeholders say where a computed default comes from
+    assert "#  Default: 45.0 (computed when the Outpost starts" in text
+    assert "#  Default: from OUTPOST_HUB_CREDENTIALS_FILE, else OUTPOST_HUB_CREDENTIALS" in text
 
 
 # running
@@ -287,6 +318,38 @@ c.JupyterHubOutpost.db_url = "{new_db_url(tmp_path)}"
     assert f"listening on http://127.0.0.1:{port}/outpost/" in outpost.log_text()
 
 
+async def test_json_log_is_one_scrubbed_object_per_line(tmp_path, launch):
+    port = free_port()
+    config = write_config(tmp_path / "outpost_config.py", f"""
+c.JupyterHubOutpost.enable_json_log = True
+c.JupyterHubOutpost.db_url = "{new_db_url(tmp_path)}"
+c.JupyterHubOutpost.spawner_class = "jupyterhub.spawner.SimpleLocalProcessSpawner"
+c.SimpleLocalProcessSpawner.home_dir_template = "{tmp_path}/home-{{username}}"
+c.Spawner.cmd = ["sleep", "600"]
+c.Spawner.args = []
+""")  # fmt: skip
+    env = clean_env(OUTPOST_HUB_CREDENTIALS=json.dumps(HUB_CREDENTIALS))
+    outpost = launch(tmp_path, "-f", config, "--ip=127.0.0.1", f"--port={port}", port=port, env=env)
+    body = start_body("http://127.0.0.1:9/hub/api", name="logged")
+    token = body["env"]["JUPYTERHUB_API_TOKEN"]
+    assert (await api_request(outpost, "services", method="POST", body=body)).code == 200
+    response = await api_request(outpost, "services", "logged", body["user_options"]["start_id"],
+                                 method="DELETE")  # fmt: skip
+    assert response.code == 200
+    assert (await api_request(outpost, "services", password="wrong")).code == 401
+    assert stop(outpost) == 0
+
+    entries = [json.loads(line) for line in outpost.log_text().splitlines() if line.strip()]
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
+    assert all(e["time"].endswith("Z") for e in entries)
+    started = [e for e in entries if " - started at " in e["message"]]
+    assert started and started[0]["hub"] == "hub-a" and started[0]["server"] == "logged"
+    assert started[0]["start_id"] == body["user_options"]["start_id"]
+    assert any(e["level"] == "WARNING" and "401" in e["message"] for e in entries)
+    text = outpost.log_text()
+    assert token not in text and HUB_CREDENTIALS["hub-a"] not in text
+
+
 async def test_hub_credentials_from_environment_and_file(tmp_path, launch):
     env_dir, file_dir = tmp_path / "env", tmp_path / "file"
     env_dir.mkdir()
@@ -336,7 +399,8 @@ async def test_hub_credentials_from_environment_and_file(tmp_path, launch):
 
 
 async def test_example_config_starts_as_is(tmp_path, launch):
-    shutil.copy(os.path.join(REPO_ROOT, "outpost_config.py"), tmp_path / "outpost_config.py")
+    shutil.copy(os.path.join(REPO_ROOT, "share", "jupyterhub-outpost", "outpost_config.py"),
+                tmp_path / "outpost_config.py")  # fmt: skip
     port = free_port()
     outpost = launch(tmp_path, "-f", "outpost_config.py", "--port", str(port), port=port)
     assert (await api_request(outpost, "ping", auth=False)).code == 200
@@ -532,3 +596,89 @@ async def test_older_revision_is_upgraded_after_a_backup(db_copy, newer_alembic,
     (backup,) = backups(path)
     assert revision_of(backup) == HEAD_REVISION
     await assert_record_readable(url)
+
+
+def test_the_migrations_build_exactly_the_tables_the_models_describe(tmp_path):
+    """An empty database upgraded to the head revision has the schema of
+    orm.meta: no table, column, index or constraint more or less"""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    url = new_db_url(tmp_path)
+    dbutil.upgrade(url)
+    engine = orm.new_engine(url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            differences = compare_metadata(context, orm.meta)
+    finally:
+        engine.dispose()
+    # the alembic bookkeeping table is not a model
+    assert [d for d in differences if "alembic_version" not in repr(d)] == []
+
+
+async def test_operators_list_servers_and_a_users_history_from_the_command_line(tmp_path, launch):
+    port = free_port()
+    key = Fernet.generate_key().decode()
+    config = write_config(tmp_path / "outpost_config.py", f"""
+c.JupyterHubOutpost.db_url = "{new_db_url(tmp_path)}"
+c.JupyterHubOutpost.crypt_keys = ["{key}"]
+c.JupyterHubOutpost.spawner_class = "jupyterhub.spawner.SimpleLocalProcessSpawner"
+c.SimpleLocalProcessSpawner.home_dir_template = "{tmp_path}/home-{{username}}"
+c.JupyterHubOutpost.allowed_overrides = ["cmd"]
+c.Spawner.cmd = ["sleep", "600"]
+c.Spawner.args = []
+""")  # fmt: skip
+    env = clean_env(OUTPOST_HUB_CREDENTIALS=json.dumps(HUB_CREDENTIALS))
+    outpost = launch(tmp_path, "-f", config, "--ip=127.0.0.1", f"--port={port}", port=port, env=env)
+    running = start_body("http://127.0.0.1:9/hub/api", user="olga", name="lab")
+    assert (await api_request(outpost, "services", method="POST", body=running)).code == 200
+    broken = start_body("http://127.0.0.1:9/hub/api", user="olga", name="broken",
+                        misc={"cmd": ["/no/such/program-for-the-cli"]})  # fmt: skip
+    assert (await api_request(outpost, "services", method="POST", body=broken)).code == 419
+
+    listed = run_cli("servers", "-f", config, cwd=tmp_path, env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert "hub-a" in listed.stdout and "olga" in listed.stdout and "running" in listed.stdout
+    assert running["user_options"]["start_id"] in listed.stdout
+    assert "1 server(s)" in listed.stdout
+
+    history = run_cli("history", "olga", "-f", config, cwd=tmp_path, env=env)
+    assert history.returncode == 0, history.stderr
+    lines = history.stdout.splitlines()
+    assert lines[0].split()[:2] == ["HUB", "SERVER"]
+    assert any("broken" in line and "failed" in line and "program-for-the-cli" in line for line in lines)
+    assert any(" lab " in line and "ready" in line for line in lines)
+    assert "2 start(s) of olga" in history.stdout
+    nobody = run_cli("history", "nobody-here", "-f", config, cwd=tmp_path, env=env)
+    assert "0 start(s) of nobody-here" in nobody.stdout
+
+    response = await api_request(outpost, "services", "lab", running["user_options"]["start_id"],
+                                 method="DELETE")  # fmt: skip
+    assert response.code == 200
+    assert stop(outpost) == 0
+
+
+def test_a_hubs_api_access_is_one_setting_and_the_older_spellings_fold_into_it():
+    outpost = JupyterHubOutpost(
+        hub_api={
+            "hub-a": {"url": "https://a/hub/api", "token": "ta", "housekeeping": True, "system": "c1"},
+            "hub-b": {"url": "https://b/hub/api", "token": "tb", "housekeeping": {"grace": 5}},
+            "hub-c": {"url": "https://c/hub/api", "token": "tc"},
+        },
+        hub_housekeeping={"hub-d": {"url": "https://d/hub/api", "token": "td", "interval": 9}},
+        ssh_recreate_forward={"hub-d": {"url": "https://d/hub/api", "token": "td", "system": "c2"}},
+    )
+    assert outpost.housekeeping_settings() == {
+        "hub-a": {"url": "https://a/hub/api", "token": "ta"},
+        "hub-b": {"url": "https://b/hub/api", "token": "tb", "grace": 5},
+        "hub-d": {"url": "https://d/hub/api", "token": "td", "interval": 9},
+    }
+    assert outpost.recreate_forward_settings() == {
+        "hub-a": {"url": "https://a/hub/api", "token": "ta", "system": "c1"},
+        "hub-d": {"url": "https://d/hub/api", "token": "td", "system": "c2"},
+    }
+    for bad in ({"hub-a": {"url": "https://a"}}, {"hub-a": {"url": "u", "token": "t", "tokn": 1}},
+                {"hub-a": {"url": "u", "token": "t", "housekeeping": "yes"}}):  # fmt: skip
+        with pytest.raises(TraitError):
+            JupyterHubOutpost(hub_api=bad)

@@ -204,13 +204,13 @@ async def test_housekeeping_stops_only_what_the_hub_does_not_know(tmp_path, fake
     token_a, token_b = secrets.token_hex(16), secrets.token_hex(16)
     fake_hub.list_tokens.update({token_a, token_b})
     closed = f"http://127.0.0.1:{free_port()}/hub/api"
-    housekeeping = {
-        "hub-a": {"url": fake_hub.url, "token": token_a, "interval": 0, "grace": 0},
-        "hub-b": {"url": fake_hub.url, "token": token_b, "interval": 0, "grace": 600},
-        "hub-c": {"url": closed, "token": "anything", "interval": 0, "grace": 0},
+    hub_api = {
+        "hub-a": {"url": fake_hub.url, "token": token_a, "housekeeping": {"interval": 0, "grace": 0}},
+        "hub-b": {"url": fake_hub.url, "token": token_b, "housekeeping": {"interval": 0, "grace": 600}},
+        "hub-c": {"url": closed, "token": "anything", "housekeeping": {"interval": 0, "grace": 0}},
     }
     cfg = outpost_config(
-        tmp_path, spawner_cmd=SLEEP, cleanup_interval=0.5, hub_housekeeping=housekeeping,
+        tmp_path, spawner_cmd=SLEEP, cleanup_interval=0.5, hub_api=hub_api,
         hub_credentials={**HUB_CREDENTIALS, HUB_C[0]: HUB_C[1]},
     )  # fmt: skip
     fake_hub.list_status = 500  # the hub cannot say, at first

@@ -8,6 +8,7 @@ the address the Outpost answers (everything is on 127.0.0.1).
 import asyncio
 import os
 import shutil
+import time
 
 import pytest
 
@@ -210,6 +211,25 @@ async def test_failed_start_names_the_cause_and_leaves_nothing(hub, outpost):
     await wait_gone(hub, "dan", "broken")
     assert [s for s in await outpost_listing(outpost) if s["name"] == "broken"] == []
     await wait_until(lambda: flavor_updates(hub) > updates, timeout=20, message="flavor update")
+
+
+async def test_a_server_that_exits_at_once_tells_the_user_why(hub, outpost):
+    await create_users(hub, "ian")
+    dies = ["sh", "-c", "echo 'Running as root is not recommended. Use --allow-root to bypass.' >&2; exit 1"]
+    began = time.monotonic()
+    code, _ = await start_server(hub, "ian", "lab", {"misc": {"cmd": dies}})
+    assert code in (201, 202)
+    events = await hub.progress("ian", "lab")
+    elapsed = time.monotonic() - began
+    # the server's own words, then the hub's poll ends the start
+    assert events and events[-1].get("failed") is True, events
+    text = await last_event_text(events)
+    assert "exited with status 1" in text and "Use --allow-root to bypass" in text, events
+    # well before the hub would have given up waiting for an answer (60 s here)
+    assert elapsed < 15, elapsed
+    print(f"\nstart request -> the user's failed event with the server's output: {elapsed:.1f} s")
+    await wait_gone(hub, "ian", "lab")
+    assert [s for s in await outpost_listing(outpost) if s["user"] == "ian"] == []
 
 
 async def test_refused_override_is_shown_to_the_user(hub, outpost):

@@ -479,6 +479,47 @@ async def test_channel_floods_are_refused_and_leave_nothing_behind(tmp_path, key
         await stop_outpost(outpost)
 
 
+def forwards_over_connections(port, key, destination, per_connection, connections=2):
+    """With paramiko as the client: open ``per_connection`` forwards over each
+    of ``connections`` connections of hub-a; return (the windows the Outpost
+    gave the forwards it opened, refusal codes)"""
+    host, dest_port = destination.split(":")
+    clients, channels, codes = [], [], []
+    try:
+        for _ in range(connections):
+            client = paramiko.Transport(("127.0.0.1", port))
+            clients.append(client)
+            client.start_client(timeout=10)
+            client.auth_publickey("hub-a", paramiko.Ed25519Key(filename=str(key)))
+            for _ in range(per_connection):
+                try:
+                    channels.append(client.open_channel(
+                        "direct-tcpip", (host, int(dest_port)), ("127.0.0.1", 1), timeout=10
+                    ))  # fmt: skip
+                except paramiko.ChannelException as e:
+                    codes.append(e.code)
+    finally:
+        for client in clients:
+            client.close()
+    return [chan.out_window_size for chan in channels], codes
+
+
+async def test_one_hub_holds_no_more_forwards_and_windows_than_allowed(tmp_path, keys, fake_hub):
+    outpost = await start_outpost(
+        ssh_config(tmp_path, keys, ssh_max_channels_per_hub=5, ssh_channel_window=64 * 1024)
+    )
+    try:
+        address, _ = await start_server(outpost, fake_hub, name="capped", cmd=echo_cmd())
+        await wait_until(lambda: asyncio.to_thread(_listens, address), timeout=20, message="the echo server")
+        port = outpost.ssh_endpoint.bound_port
+        windows, codes = await asyncio.to_thread(forwards_over_connections, port, keys / "hub-a", address, 4)
+        # each forward may hold 64 KiB from the hub: 5 forwards, 320 KiB at most
+        assert windows == [64 * 1024] * 5
+        assert codes == [paramiko.OPEN_FAILED_RESOURCE_SHORTAGE] * 3
+    finally:
+        await stop_outpost(outpost)
+
+
 def _listens(address):
     host, port = address.split(":")
     try:

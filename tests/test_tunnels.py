@@ -202,8 +202,7 @@ async def test_one_call_per_hub_when_it_rebuilds_all_forwards(tmp_path, fake_hub
     token = secrets.token_hex(16)
     fake_hub.tokens.add(token)
     one_call = {"hub-a": {"url": fake_hub.url, "token": token, "system": "cluster 1"}}
-    outpost = make_outpost(processes, tmp_path, ssh_recreate_at_start=True,
-                           ssh_recreate_forward=one_call)  # fmt: skip
+    outpost = make_outpost(processes, tmp_path, ssh_recreate_at_start=True, hub_api=one_call)
     via_hook = await start_servers(outpost, fake_hub, processes.tokens, users("hook", 3))
     per_server = await start_servers(outpost, fake_hub, processes.tokens, [("each", "")],
                                      hub="hub-b")  # fmt: skip

@@ -1,18 +1,24 @@
 """Sphinx configuration of the jupyterhub-outpost documentation.
 
-It does not import jupyterhub_outpost. The reference page of the settings
-embeds the output of ``jupyterhub-outpost --help-all``, generated here at
-build time so that it cannot drift from the code.
+The reference of the settings is generated from the code with
+autodoc-traits, as JupyterHub's documentation does: the package must be
+installed (``pip install -r docs/requirements.txt`` installs it). Without
+it the build fails rather than publish a page without settings.
 """
 
 import os
-import subprocess
-import sys
 
 here = os.path.dirname(os.path.abspath(__file__))
 _version_ns = {}
 with open(os.path.join(here, "..", "..", "jupyterhub_outpost", "_version.py")) as f:
-    exec(f.read(), {}, _version_ns)  # as setup.py does: no package import
+    exec(f.read(), {}, _version_ns)  # as setup.py does
+
+try:
+    import jupyterhub_outpost  # noqa: F401
+except ImportError as e:
+    raise RuntimeError(
+        "The documentation documents the installed package: pip install -r docs/requirements.txt"
+    ) from e
 
 project = "jupyterhub-outpost"
 author = "jupyterhub-outpost contributors"
@@ -20,7 +26,8 @@ copyright = "jupyterhub-outpost contributors"
 release = _version_ns.get("__version__", "unknown")
 version = release
 
-extensions = ["myst_parser"]
+extensions = ["myst_parser", "sphinx.ext.autodoc", "autodoc_traits"]
+autodoc_default_options = {"members": False}
 myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3
 source_suffix = {".md": "markdown"}
@@ -34,21 +41,3 @@ try:
 except ImportError:
     html_theme = "alabaster"
 html_title = f"jupyterhub-outpost {release}"
-
-
-def _write_help_all():
-    """reference/help-all.txt: the settings as the installed command lists them"""
-    target = os.path.join(here, "reference", "help-all.txt")
-    try:
-        text = subprocess.run(
-            [sys.executable, "-m", "jupyterhub_outpost", "--help-all"],
-            capture_output=True, text=True, check=True, timeout=60,
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        text = f"(jupyterhub-outpost --help-all was not available when this was built: {e})\n"
-    with open(target, "w") as f:
-        f.write(text)
-
-
-_write_help_all()
-

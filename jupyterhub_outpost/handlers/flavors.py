@@ -1,4 +1,5 @@
-"""Flavors with limits and usage: ``GET /flavors``, ``POST /userflavors``"""
+"""Flavors with limits and usage: ``GET /flavors``, ``POST /userflavors``;
+credits: ``GET /credits``, ``POST /usercredits``"""
 
 from tornado import web
 
@@ -13,6 +14,15 @@ class FlavorAPIHandler(OutpostAPIHandler):
         """The :class:`~jupyterhub_outpost.policy.OutpostPolicy`"""
         return self.settings["policy"]
 
+    def authentication(self):
+        """The user's authentication object of the body (``{"name": ...,
+        "groups": [...]}``), bare or under ``authentication``"""
+        body = self.get_json_body()
+        authentication = body.get("authentication", body)
+        if not isinstance(authentication, dict):
+            raise web.HTTPError(400, "'authentication' must be a JSON object")
+        return authentication
+
 
 class FlavorsAPIHandler(FlavorAPIHandler):
     """The flavors the calling hub may use, with limits and current usage"""
@@ -22,18 +32,29 @@ class FlavorsAPIHandler(FlavorAPIHandler):
 
 
 class UserFlavorsAPIHandler(FlavorAPIHandler):
-    """The flavors one user may use; the body is the user's authentication
-    object (``{"name": ..., "groups": [...]}``), bare or under ``authentication``"""
+    """The flavors one user may use"""
 
     async def post(self):
-        body = self.get_json_body()
-        authentication = body.get("authentication", body)
-        if not isinstance(authentication, dict):
-            raise web.HTTPError(400, "'authentication' must be a JSON object")
-        self.write_json(await self.policy.user_flavors(self.current_hub, authentication))
+        self.write_json(await self.policy.user_flavors(self.current_hub, self.authentication()))
+
+
+class CreditsAPIHandler(FlavorAPIHandler):
+    """The credits the calling hub may use"""
+
+    def get(self):
+        self.write_json(self.policy.hub_credits(self.current_hub))
+
+
+class UserCreditsAPIHandler(FlavorAPIHandler):
+    """The credits one user may use"""
+
+    async def post(self):
+        self.write_json(await self.policy.user_credits(self.current_hub, self.authentication()))
 
 
 default_handlers = [
     (r"/flavors/?", FlavorsAPIHandler),
     (r"/userflavors/?", UserFlavorsAPIHandler),
+    (r"/credits/?", CreditsAPIHandler),
+    (r"/usercredits/?", UserCreditsAPIHandler),
 ]

@@ -167,7 +167,30 @@ class ServerAPIHandler(OutpostAPIHandler):
         self.write_json(model, status=202 if run_async else 200)
 
 
+class ServerByNameAPIHandler(ServerAPIHandler):
+    """``GET /services/{name}`` and ``DELETE``, for clients that send no
+    start id: they act on this hub's only server of that name (404 when it
+    has none, 409 when it has several)"""
+
+    async def _only_start_id(self, name):
+        if not SERVER_NAME_RE.match(name):
+            raise web.HTTPError(404, "No such server")
+        start_ids = await self.outpost.db.start_ids_of(self.current_hub, name)
+        if not start_ids:
+            raise web.HTTPError(404, "No such server")
+        if len(start_ids) > 1:
+            raise web.HTTPError(409, "Several servers have this name: give the start id")
+        return start_ids[0]
+
+    async def get(self, name):
+        await super().get(name, await self._only_start_id(name))
+
+    async def delete(self, name):
+        await super().delete(name, await self._only_start_id(name))
+
+
 default_handlers = [
     (r"/services/?", ServicesAPIHandler),
+    (r"/services/([^/]+)/?", ServerByNameAPIHandler),
     (r"/services/([^/]*)/([^/]*)/?", ServerAPIHandler),
 ]

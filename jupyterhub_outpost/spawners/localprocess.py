@@ -1,4 +1,5 @@
-"""LocalProcessSpawner: finding a server whose start was interrupted.
+"""LocalProcessSpawner: finding a server whose start was interrupted, and
+keeping its output where a failure can be told from it.
 
 The state of a local process is its pid, known only once ``Popen`` returned.
 If the Outpost dies between the birth of the process and the save of its
@@ -10,8 +11,11 @@ Outpost has when it starts servers as other accounts (root).
 """
 
 import os
+import subprocess
 
 from jupyterhub.spawner import LocalProcessSpawner
+
+from ..utils import open_private_dir
 
 TOKEN_KEY = "JUPYTERHUB_API_TOKEN"
 
@@ -58,3 +62,70 @@ def recover_interrupted(spawner, env):
         return None
     spawner.pid = roots[0]
     return roots[0]
+
+
+def output_file(base, key):
+    """Where the output of server ``key`` (hub, name, start id) is kept"""
+    hub, name, start_id = key
+    return os.path.join(base, hub, f"{name}~{start_id}.log")
+
+
+def keeps_output(spawner):
+    """Whether the Outpost keeps this server's output: a LocalProcessSpawner
+    whose ``popen_kwargs`` do not say where it goes"""
+    if not isinstance(spawner, LocalProcessSpawner):
+        return False
+    kwargs = spawner.popen_kwargs or {}
+    return "stdout" not in kwargs and "stderr" not in kwargs
+
+
+def open_output(base, key):
+    """Open (create, append) the output file of server ``key`` in a 0700
+    folder per hub; return ``(fd, path)``. The Outpost opens it and the
+    server inherits it: the server's account needs no access to the folder.
+    Runs in a thread."""
+    hub, name, start_id = key
+    folder = open_private_dir(base, [hub])
+    try:
+        filename = f"{name}~{start_id}.log"
+        fd = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=folder)  # fmt: skip
+    finally:
+        os.close(folder)
+    return fd, output_file(base, key)
+
+
+def use_output(spawner, fd):
+    """Let the server's process write its output to ``fd`` (on the event loop:
+    Spawner traits are watched there)"""
+    spawner.popen_kwargs = dict(spawner.popen_kwargs or {}, stdout=fd, stderr=subprocess.STDOUT)
+
+
+def release_output(spawner):
+    """Close the Outpost's copy of the output file once the server has its own"""
+    if not isinstance(spawner, LocalProcessSpawner):
+        return
+    fd = (spawner.popen_kwargs or {}).get("stdout")
+    if isinstance(fd, int) and spawner.popen_kwargs.get("stderr") == subprocess.STDOUT:
+        kwargs = dict(spawner.popen_kwargs)
+        kwargs.pop("stdout"), kwargs.pop("stderr")
+        spawner.popen_kwargs = kwargs
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def output_tail(path, lines=20, limit=65536):
+    """The last ``lines`` lines of an output file ("" when there is none)"""
+    if not path:
+        return ""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return ""
+    with os.fdopen(fd, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - limit))
+        text = f.read().decode("utf8", "replace")
+    return "\n".join(text.splitlines()[-lines:])

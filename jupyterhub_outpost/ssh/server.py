@@ -195,7 +195,8 @@ class SSHEndpoint:
 
     def _start_transport(self, conn):
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport = paramiko.Transport(conn.sock)
+        window = self.app.ssh_channel_window
+        transport = paramiko.Transport(conn.sock, default_window_size=window)
         options = transport.get_security_options()
         # the modern ones this paramiko has (ML-KEM needs a recent cryptography)
         options.kex = [k for k in KEX if k in options.kex]
@@ -293,6 +294,10 @@ class SSHEndpoint:
                 "SSH: hub %s has %i forwards open on %s; refusing more", hub, session.open_count, conn.name
             )
             return paramiko.OPEN_FAILED_RESOURCE_SHORTAGE
+        hub_count = self._open_count_of(hub)
+        if hub_count >= self.app.ssh_max_channels_per_hub:
+            self.log.warning("SSH: hub %s has %i forwards open; refusing more", hub, hub_count)
+            return paramiko.OPEN_FAILED_RESOURCE_SHORTAGE
         try:
             future = asyncio.run_coroutine_threadsafe(self._server_at(hub, host, port), self.loop)
             server_key = future.result(RECORDS_TIMEOUT)
@@ -312,6 +317,12 @@ class SSHEndpoint:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         session.offer(chanid, sock, (host, port), server_key)
         return paramiko.OPEN_SUCCEEDED
+
+    def _open_count_of(self, hub):
+        """Forwards open over all connections of ``hub``"""
+        with self._lock:
+            sessions = [s for s in self._forwarding if s.hub == hub]
+        return sum(s.open_count for s in sessions)
 
     def _session_of(self, conn, hub):
         with self._lock:
