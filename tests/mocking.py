@@ -216,7 +216,10 @@ class DetachedProcessSpawner(SimpleLocalProcessSpawner):
     async def start(self):
         cmd, popen_kwargs = self.cmd, self.popen_kwargs
         self.cmd = [sys.executable, "-c", _LAUNCHER, *cmd]
-        self.popen_kwargs = dict(popen_kwargs, stdout=subprocess.PIPE)
+        # the launcher's stdout carries the pid; the server writes to its
+        # stderr, which is where the Outpost wants the server's output
+        output = popen_kwargs.get("stdout") if popen_kwargs.get("stderr") == subprocess.STDOUT else None
+        self.popen_kwargs = dict(popen_kwargs, stdout=subprocess.PIPE, stderr=output)
         try:
             address = await super().start()
         finally:

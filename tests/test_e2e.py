@@ -17,6 +17,7 @@ from .utils import (
     HUB_CREDENTIALS,
     OutpostProcess,
     api_request,
+    database_independent,
     json_of,
     new_db_url,
     pids_with_env,
@@ -132,6 +133,7 @@ async def stop_server(hub, user, server):
     await wait_gone(hub, user, server)
 
 
+@database_independent  # the hub's side of the protocol; restarts and crashes run on both
 async def test_concurrent_starts_are_ready_and_usable(hub, outpost):
     users = ["ada", "bob", "cyd"]
     await create_users(hub, *users)
@@ -200,6 +202,7 @@ async def last_event_text(events):
     return " ".join(f"{e.get('message', '')} {e.get('html_message', '')}" for e in events)
 
 
+@database_independent  # the hub's side of the protocol; restarts and crashes run on both
 async def test_failed_start_names_the_cause_and_leaves_nothing(hub, outpost):
     await create_users(hub, "dan")
     updates = flavor_updates(hub)
@@ -213,6 +216,7 @@ async def test_failed_start_names_the_cause_and_leaves_nothing(hub, outpost):
     await wait_until(lambda: flavor_updates(hub) > updates, timeout=20, message="flavor update")
 
 
+@database_independent  # the hub's side of the protocol; restarts and crashes run on both
 async def test_a_server_that_exits_at_once_tells_the_user_why(hub, outpost):
     await create_users(hub, "ian")
     dies = ["sh", "-c", "echo 'Running as root is not recommended. Use --allow-root to bypass.' >&2; exit 1"]
@@ -232,6 +236,7 @@ async def test_a_server_that_exits_at_once_tells_the_user_why(hub, outpost):
     assert [s for s in await outpost_listing(outpost) if s["user"] == "ian"] == []
 
 
+@database_independent  # the hub's side of the protocol; restarts and crashes run on both
 async def test_refused_override_is_shown_to_the_user(hub, outpost):
     await create_users(hub, "eve")
     code, _ = await start_server(hub, "eve", "big", {"misc": {"mem_limit": "64G"}})
@@ -283,6 +288,7 @@ async def test_outpost_crash_keeps_servers_pollable_and_stoppable(hub, outpost):
     assert await outpost_listing(outpost) == []
 
 
+@database_independent  # the hub's side of the protocol; restarts and crashes run on both
 async def test_server_ended_at_the_outpost_is_noticed_by_the_hub(hub, outpost):
     await running_server(hub, "hal")
     (record,) = [s for s in await outpost_listing(outpost) if s["user"] == "hal"]
@@ -316,6 +322,7 @@ async def async_hub(tmp_path_factory, outpost):
     process.kill_proxy()
 
 
+@database_independent  # the hub's side of the protocol; restarts and crashes run on both
 async def test_two_hubs_async_and_isolated(hub, async_hub, outpost):
     await create_users(hub, "ida")
     await create_users(async_hub, "ida")

@@ -125,6 +125,7 @@ async def test_kill9_restart_asks_hub_to_rebuild_each_running_tunnel(tmp_path, f
                      timeout=30, message="a second call per server")  # fmt: skip
 
 
+@database_independent  # what is asked of the hub; the lease's part runs on both
 async def test_retries_with_backoff_until_the_hub_answers(tmp_path, fake_hub, processes):
     outpost = make_outpost(processes, tmp_path, ssh_recreate_at_start=True,
                            ssh_recreate_retries=3, ssh_recreate_backoff=0.5)  # fmt: skip
@@ -143,6 +144,7 @@ async def test_retries_with_backoff_until_the_hub_answers(tmp_path, fake_hub, pr
     assert "setuptunnel to" in outpost.log_text() and "try 2 of 4" in outpost.log_text()
 
 
+@database_independent  # what is asked of the hub; the lease's part runs on both
 async def test_bounded_retries_and_final_refusals(tmp_path, fake_hub, processes):
     outpost = make_outpost(processes, tmp_path, ssh_recreate_at_start=True,
                            ssh_recreate_retries=2, ssh_recreate_backoff=0.2)  # fmt: skip
@@ -171,6 +173,7 @@ c.JupyterHubOutpost.ssh_recreate_at_start = only_hub_a
 """
 
 
+@database_independent  # what is asked of the hub; the lease's part runs on both
 async def test_switched_off_per_hub_by_a_callable(tmp_path, fake_hub, processes):
     outpost = make_outpost(processes, tmp_path, extra=ONLY_HUB_A)
     on = await start_servers(outpost, fake_hub, processes.tokens, [("ona", "")])
@@ -183,6 +186,7 @@ async def test_switched_off_per_hub_by_a_callable(tmp_path, fake_hub, processes)
     assert "hub-b" not in outpost.log_text().split("Tunnels rebuilt in", 1)[1].splitlines()[0]
 
 
+@database_independent  # what is asked of the hub; the lease's part runs on both
 async def test_off_by_default_without_the_ssh_endpoint(tmp_path, fake_hub, processes):
     list_token = secrets.token_hex(16)
     fake_hub.list_tokens.add(list_token)
@@ -198,6 +202,7 @@ async def test_off_by_default_without_the_ssh_endpoint(tmp_path, fake_hub, proce
     assert "Tunnels rebuilt" not in outpost.log_text()
 
 
+@database_independent  # what is asked of the hub; the lease's part runs on both
 async def test_one_call_per_hub_when_it_rebuilds_all_forwards(tmp_path, fake_hub, processes):
     token = secrets.token_hex(16)
     fake_hub.tokens.add(token)
