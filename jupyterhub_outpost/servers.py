@@ -38,7 +38,7 @@ from .log import secrets
 from .metrics import observed
 from .objects import OutpostDB, OutpostHub, OutpostORMSpawner, OutpostUser
 from .spawnercalls import SpawnerCalls, runs_on_loop
-from .spawners import localprocess
+from .spawners import kube, localprocess
 from .statekeeper import StateKeepers, state_is_unknown, state_to_save
 from .stops import StopClaims
 from .utils import format_service_address, isoformat
@@ -201,6 +201,7 @@ class ServerManager(LoggingConfigurable):
             oauth_client_id=env.get("JUPYTERHUB_CLIENT_ID", ""),
         )
         self._apply_overrides(spawner, request.get("misc") or {}, record)
+        kube.prepare(spawner, record.hub)
         _merge_env(spawner, env)
         managed = ManagedServer(self, record, request, spawner, db)
         holder["managed"] = managed
@@ -745,6 +746,7 @@ class ServerManager(LoggingConfigurable):
         if pending:
             await asyncio.wait(pending, timeout=timeout)
         await self.early_exits.stop()
+        await kube.shutdown()
         self.calls.shutdown()
 
 
