@@ -36,7 +36,7 @@ from .utils import (
 
 pytestmark = pytest.mark.slow
 
-KILLS = 20
+KILLS = 12
 # ignores SIGINT, ends on SIGTERM (an ignored signal stays ignored across exec)
 IGNORES_SIGINT = ["sh", "-c", "trap '' INT; exec sleep 3600"]
 ASYNC = {"execution-type": "async"}

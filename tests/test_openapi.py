@@ -14,7 +14,7 @@ from schemathesis import checks as st_checks
 
 from .utils import HUB_CREDENTIALS, OutpostProcess, database_independent, new_db_url, start_body
 
-FUZZ_EXAMPLES = int(os.environ.get("OUTPOST_FUZZ_EXAMPLES", "100"))
+FUZZ_EXAMPLES = int(os.environ.get("OUTPOST_FUZZ_EXAMPLES", "60"))
 
 # a cheap real process per start keeps the fuzz run fast
 CONFIG = """

@@ -228,7 +228,7 @@ async def test_one_call_per_hub_when_it_rebuilds_all_forwards(tmp_path, fake_hub
 async def test_start_up_is_not_delayed_by_a_slow_hub(tmp_path, fake_hub, processes):
     outpost = make_outpost(processes, tmp_path, ssh_recreate_at_start=True)
     servers = await start_servers(outpost, fake_hub, processes.tokens, users("slow", 6))
-    fake_hub.delays["setuptunnel"] = 8
+    fake_hub.delays["setuptunnel"] = 4
     arrived = len(fake_hub.arrivals)
     await restart(outpost)
     await wait_until(lambda: len(fake_hub.arrivals) > arrived, timeout=15,
