@@ -484,8 +484,10 @@ class JupyterHubOutpost(Application):
     early_exit_window = Float(
         20,
         help="""Seconds after a start during which the Outpost polls the new
-        server each second. If it ends meanwhile, the hub is sent a failed
-        progress event with its exit status and last output lines, so the
+        server (each second at first, then less often), when it keeps the
+        server's output (LocalProcessSpawner and its subclasses, see
+        ``server_output_dir``). If the server ends meanwhile, the hub is sent
+        a progress event with its exit status and last output lines, so the
         user sees why at once instead of waiting for the hub's timeout.
         0 turns the watch off. Default: 20.
 

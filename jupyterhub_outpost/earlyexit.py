@@ -4,8 +4,10 @@ A Spawner's ``start()`` returns once the server's process runs, not once
 it answers. A server that exits at once (jupyter refusing to run as root,
 a missing module, a bad argument) would leave the user waiting until the
 hub gives up ("didn't respond in 30 seconds"), with the cause only in a log
-of the Outpost. For ``early_exit_window`` seconds after a start, the Outpost
-polls the server each second; when it ends, the hub is sent a progress
+of the Outpost. For ``early_exit_window`` seconds after the start of a
+server whose output it keeps (LocalProcessSpawner and its subclasses), the
+Outpost polls the server, each second at first and less often later (a
+dozen polls in 20 s); when it ends, the hub is sent a progress
 event with the exit status and the last lines of the server's output (where
 the Outpost keeps it, see
 :func:`~jupyterhub_outpost.spawners.localprocess.open_output`), which the
@@ -24,7 +26,9 @@ import time
 
 from .log import secrets
 
-POLL_INTERVAL = 1.0
+# seconds between the polls of a new server: servers that fail at once end
+# within the first seconds
+POLL_INTERVALS = (1, 1, 1, 1, 1, 2, 2, 2, 3, 3, 3)
 TAIL_LINES = 20
 
 
@@ -64,8 +68,10 @@ class EarlyExitWatch:
     async def _watch(self, managed, began):
         manager = self.manager
         try:
-            while time.monotonic() - began < self.window:
-                await asyncio.sleep(POLL_INTERVAL)
+            for interval in (*POLL_INTERVALS, *[POLL_INTERVALS[-1]] * int(self.window)):
+                if time.monotonic() - began + interval > self.window:
+                    return
+                await asyncio.sleep(interval)
                 if not self._still_ours(managed):
                     return
                 try:

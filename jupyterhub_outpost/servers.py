@@ -352,7 +352,8 @@ class ServerManager(LoggingConfigurable):
             if not done:
                 raise _StopRequested()
             await self._record_history(self.history.end_start, managed.record.key, "ready", managed.events)
-            if self.app.early_exit_window > 0:
+            if self.app.early_exit_window > 0 and managed.output_path:
+                # servers whose output the Outpost keeps: it has their words to tell
                 self.early_exits.watch(managed)  # it forgets the events when done
             else:
                 managed.events = []
