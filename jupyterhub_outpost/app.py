@@ -46,7 +46,7 @@ from .status import StatusPage
 from .log import JSONLogFormatter, install_scrubber, log_request, secrets
 from .policy import DEFAULT_OVERRIDES, OutpostPolicy, is_valid_hub_name
 from .servers import ServerManager
-from .utils import url_path_join
+from .utils import json_from_env, url_path_join
 
 HUB_CREDENTIALS_ENV = "OUTPOST_HUB_CREDENTIALS"
 HUB_CREDENTIALS_FILE_ENV = "OUTPOST_HUB_CREDENTIALS_FILE"
@@ -243,8 +243,7 @@ class JupyterHubOutpost(Application):
         if path:
             with open(path) as f:
                 return json.load(f)
-        text = os.environ.get(HUB_CREDENTIALS_ENV)
-        return json.loads(text) if text else {}
+        return json_from_env(HUB_CREDENTIALS_ENV)
 
     crypt_keys = List(
         Unicode(),
@@ -1021,8 +1020,7 @@ class JupyterHubOutpost(Application):
 
     @default("ssh_authorized_keys")
     def _ssh_authorized_keys_default(self):
-        text = os.environ.get(SSH_AUTHORIZED_KEYS_ENV)
-        return json.loads(text) if text else {}
+        return json_from_env(SSH_AUTHORIZED_KEYS_ENV)
 
     ssh_authorized_keys_files = Dict(
         key_trait=Unicode(),

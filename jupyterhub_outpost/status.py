@@ -9,7 +9,6 @@ Basic from ``operator_credentials``, or ``Authorization: Bearer`` with
 """
 
 import hmac
-import json
 import os
 import time
 from datetime import timedelta
@@ -20,7 +19,7 @@ from traitlets.config import LoggingConfigurable
 from . import flavors
 from ._version import __version__
 from .log import secrets
-from .utils import utcnow
+from .utils import json_from_env, utcnow
 
 OPERATOR_CREDENTIALS_ENV = "OUTPOST_OPERATOR_CREDENTIALS"
 OPERATOR_TOKEN_ENV = "OUTPOST_OPERATOR_TOKEN"
@@ -43,8 +42,7 @@ class StatusPage(LoggingConfigurable):
 
     @default("operator_credentials")
     def _operator_credentials_default(self):
-        text = os.environ.get(OPERATOR_CREDENTIALS_ENV)
-        return json.loads(text) if text else {}
+        return json_from_env(OPERATOR_CREDENTIALS_ENV)
 
     operator_token = Unicode(
         help=f"""A token that opens the status page as ``Authorization: Bearer

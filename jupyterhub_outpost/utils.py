@@ -1,6 +1,7 @@
 """Small helpers shared by the modules of jupyterhub_outpost."""
 
 import asyncio
+import json
 import os
 import re
 import time
@@ -40,6 +41,12 @@ def isoformat(dt):
     if dt is None:
         return None
     return as_utc(dt).isoformat().replace("+00:00", "Z")
+
+
+def json_from_env(name):
+    """The JSON object in environment variable ``name``, {} when it is unset or empty"""
+    text = os.environ.get(name)
+    return json.loads(text) if text else {}
 
 
 def url_path_join(*pieces):
