@@ -6,14 +6,13 @@ the address the Outpost answers (everything is on 127.0.0.1).
 """
 
 import asyncio
-import os
-import shutil
 import time
 
 import pytest
 
 from .hub import JupyterHubProcess
 from .utils import (
+    needs_hub_proxy,
     HUB_CREDENTIALS,
     OutpostProcess,
     api_request,
@@ -24,13 +23,9 @@ from .utils import (
     wait_until,
 )
 
-# ci/test.sh installs the proxy; only a developer without npm skips these
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(
-        shutil.which("configurable-http-proxy") is None and not os.environ.get("CI"),
-        reason="configurable-http-proxy (npm) is not installed",
-    ),
+    needs_hub_proxy,
 ]
 
 OUTPOST_CONFIG = """

@@ -4,10 +4,8 @@ stops a server the hub does not know and keeps the ones it does."""
 
 import http.cookies
 import json
-import os
 import re
 import secrets
-import shutil
 from urllib.parse import urlencode, urljoin
 
 import pytest
@@ -16,6 +14,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from .hub import JupyterHubProcess
 from .test_e2e import OUTPOST_CONFIG, create_users, outpost_listing, start_server, stop_server, wait_ready
 from .utils import (
+    needs_hub_proxy,
     HUB_CREDENTIALS,
     OutpostProcess,
     api_request,
@@ -30,10 +29,7 @@ pytestmark = [
     pytest.mark.e2e,
     # the hub's side of the registration; the records are test_e2e's
     database_independent,
-    pytest.mark.skipif(
-        shutil.which("configurable-http-proxy") is None and not os.environ.get("CI"),
-        reason="configurable-http-proxy (npm) is not installed",
-    ),
+    needs_hub_proxy,
 ]
 
 SYSTEM = "outpost-e2e"

@@ -29,6 +29,7 @@ import pytest
 from .hub import JupyterHubProcess
 from .test_e2e import create_users, server_model, start_server, stop_server, wait_ready
 from .utils import (
+    needs_hub_proxy,
     HUB_CREDENTIALS,
     OutpostProcess,
     database_independent,
@@ -43,10 +44,7 @@ pytestmark = [
     pytest.mark.ssh,
     # the SSH endpoint's records are the ones test_e2e and test_ssh run on both databases
     database_independent,
-    pytest.mark.skipif(
-        shutil.which("configurable-http-proxy") is None and not os.environ.get("CI"),
-        reason="configurable-http-proxy (npm) is not installed",
-    ),
+    needs_hub_proxy,
 ]
 
 HUB_UID = 1000  # the client runs every ssh command after os.setuid(1000)

@@ -3,8 +3,6 @@ starts a pod through a real Outpost process; the pod (a jupyterhub-singleuser
 run by FakeKubernetesAPI's kubelet) answers the user through the hub's proxy.
 """
 
-import os
-import shutil
 
 import pytest
 
@@ -12,17 +10,14 @@ from .fake_kubernetes import FakeKubernetesAPI
 from .hub import JupyterHubProcess
 from .kube_utils import ENTRYPOINTS, fake_base_env, kube_outpost
 from .test_e2e import create_users, start_server, wait_gone, wait_ready
-from .utils import HUB_CREDENTIALS, database_independent
+from .utils import HUB_CREDENTIALS, database_independent, needs_hub_proxy
 
 pytest.importorskip("kubespawner", reason="jupyterhub-kubespawner is installed by '.[test]'")
 
 pytestmark = [
     pytest.mark.e2e,
     database_independent,
-    pytest.mark.skipif(
-        shutil.which("configurable-http-proxy") is None and not os.environ.get("CI"),
-        reason="configurable-http-proxy (npm) is not installed",
-    ),
+    needs_hub_proxy,
 ]
 
 

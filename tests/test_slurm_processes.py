@@ -8,7 +8,6 @@ OutpostSpawner reaches a server that runs as a Slurm job through its proxy.
 import asyncio
 import os
 import re
-import shutil
 import sys
 
 import pytest
@@ -17,6 +16,7 @@ from .hub import JupyterHubProcess
 from . import slurm
 from .slurm import REPO, job_state, requires_slurm, run, slurm_process_config
 from .utils import (
+    needs_hub_proxy,
     HUB_CREDENTIALS,
     OutpostProcess,
     api_request,
@@ -165,10 +165,7 @@ async def code_is(outpost, path, code):
 
 @pytest.mark.e2e
 @database_independent
-@pytest.mark.skipif(
-    shutil.which("configurable-http-proxy") is None and not os.environ.get("CI"),
-    reason="configurable-http-proxy (npm) is not installed",
-)
+@needs_hub_proxy
 async def test_hub_journey_to_a_slurm_job_with_the_example_config(tmp_path, slurm_outposts):
     outpost = slurm_outposts(tmp_path / "outpost", example=True)
     await asyncio.to_thread(outpost.start)

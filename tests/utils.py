@@ -4,6 +4,7 @@ import base64
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,6 +34,13 @@ def sqlite_only(reason):
 # database: the suite's PostgreSQL run leaves it to the SQLite run
 database_independent = pytest.mark.skipif(
     ON_POSTGRES, reason="does not depend on the database: runs on SQLite"
+)
+
+# a test that drives a real JupyterHub needs its proxy; ci/test.sh installs
+# it, so only a developer without npm skips such tests
+needs_hub_proxy = pytest.mark.skipif(
+    shutil.which("configurable-http-proxy") is None and not os.environ.get("CI"),
+    reason="configurable-http-proxy (npm) is not installed",
 )
 
 # databases made by new_db_url: path they stand for -> URL, in creation order
