@@ -5,8 +5,10 @@ kubeconfig file, and helpers to start servers on it."""
 import os
 import sys
 
+import pytest
 import yaml
 
+from .fake_kubernetes import FakeKubernetesAPI
 from .utils import REPO, OutpostProcess, new_db_url, process_env
 
 SHARE = os.path.join(REPO, "share", "jupyterhub-outpost")
@@ -69,6 +71,15 @@ def kube_outpost(workdir, fake, db_url=None, extra=""):
 
 def fake_base_env():
     return {"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory):
+    """A FakeKubernetesAPI for one test module (import it into the module)"""
+    api = FakeKubernetesAPI(tmp_path_factory.mktemp("fake-k8s"), base_env=fake_base_env(),
+                            entrypoints=ENTRYPOINTS).start()  # fmt: skip
+    yield api
+    api.stop()
 
 
 def manifest_objects():

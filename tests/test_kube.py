@@ -13,8 +13,9 @@ import time
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from .fake_kubernetes import KINDS, FakeKubernetesAPI
-from .kube_utils import ENTRYPOINTS, IMAGE, NAMESPACE, fake_base_env, kube_outpost, manifest_role
+from .fake_kubernetes import KINDS
+from . import kube_utils
+from .kube_utils import IMAGE, NAMESPACE, kube_outpost, manifest_role
 from . import test_secrets
 from .utils import OutpostProcess, api_request, database_independent, json_of, start_body, tokens_of, wait_until
 
@@ -24,6 +25,7 @@ pytestmark = [database_independent]
 
 tls = test_secrets.tls  # real certificates of a hub with internal_ssl (a fixture)
 with_certs = test_secrets.with_certs
+fake = kube_utils.fake  # the module's FakeKubernetesAPI (a fixture)
 
 FLAVORS = """
 c.JupyterHubOutpost.flavors = {
@@ -33,14 +35,6 @@ c.JupyterHubOutpost.flavors = {
 }
 c.JupyterHubOutpost.default_flavor = "small"
 """
-
-
-@pytest.fixture(scope="module")
-def fake(tmp_path_factory):
-    api = FakeKubernetesAPI(tmp_path_factory.mktemp("fake-k8s"), base_env=fake_base_env(),
-                            entrypoints=ENTRYPOINTS).start()  # fmt: skip
-    yield api
-    api.stop()
 
 
 @pytest.fixture(scope="module")

@@ -6,27 +6,21 @@ run by FakeKubernetesAPI's kubelet) answers the user through the hub's proxy.
 
 import pytest
 
-from .fake_kubernetes import FakeKubernetesAPI
+from . import kube_utils
 from .hub import JupyterHubProcess
-from .kube_utils import ENTRYPOINTS, fake_base_env, kube_outpost
+from .kube_utils import kube_outpost
 from .test_e2e import create_users, start_server, wait_gone, wait_ready
 from .utils import HUB_CREDENTIALS, database_independent, needs_hub_proxy
 
 pytest.importorskip("kubespawner", reason="jupyterhub-kubespawner is installed by '.[test]'")
+
+fake = kube_utils.fake  # the module's FakeKubernetesAPI (a fixture)
 
 pytestmark = [
     pytest.mark.e2e,
     database_independent,
     needs_hub_proxy,
 ]
-
-
-@pytest.fixture(scope="module")
-def fake(tmp_path_factory):
-    api = FakeKubernetesAPI(tmp_path_factory.mktemp("fake-k8s"), base_env=fake_base_env(),
-                            entrypoints=ENTRYPOINTS).start()  # fmt: skip
-    yield api
-    api.stop()
 
 
 @pytest.fixture(scope="module")
