@@ -76,6 +76,8 @@ class StatusPage(LoggingConfigurable):
     def __init__(self, app, **kwargs):
         super().__init__(parent=app, **kwargs)
         self.app = app
+        # hub name -> its HubOAuth for the hub admins' sign-in, or None (handlers/hubstatus.py)
+        self.hub_oauth = {}
         for password in self.operator_credentials.values():
             secrets.add(password)
         secrets.add(self.operator_token)

@@ -10,7 +10,7 @@ from .status import TEMPLATES
 
 def hub_oauth(outpost, hub):
     """The :class:`HubOAuth` of hub ``hub``, or None when it has no sign-in"""
-    cache = outpost.__dict__.setdefault("_hub_oauth", {})
+    cache = outpost.status_page.hub_oauth
     if hub in cache:
         return cache[hub]
     settings = outpost.hub_api.get(hub) or {}
