@@ -14,17 +14,37 @@ row.
 """
 
 from datetime import timedelta
+from functools import partial
 
-from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy import and_, bindparam, delete, func, select, update
 
 from .log import secrets
-from .orm import Hub, Server, StartRecord, User
+from .orm import Hub, StartRecord, User
 from .utils import isoformat, utcnow
 
 OUTCOMES = ("starting", "ready", "failed", "cancelled", "stopped", "expired")
 # most events kept per start, and longest message of one
 MAX_EVENTS = 200
 MAX_MESSAGE = 4096
+
+
+# the statements of the writes, built once
+_SAME_START = (
+    (StartRecord.hub_id == bindparam("h_hub_id"))
+    & (StartRecord.name == bindparam("h_name"))
+    & (StartRecord.start_id == bindparam("h_start_id"))
+)
+_START_COLUMNS = ("hub_id", "user_id", "name", "start_id", "flavor", "started")
+_END_START = update(StartRecord).where(_SAME_START).values(
+    outcome=bindparam("outcome"), ended=bindparam("ended"), data=bindparam("data")
+)
+# a start that failed or was cancelled: its server ended with it
+_END_START_AND_SERVER = _END_START.values(stopped=bindparam("ended"))
+_SERVER_ENDED = (
+    update(StartRecord)
+    .where(_SAME_START, StartRecord.outcome == "ready")
+    .values(outcome=bindparam("outcome"), stopped=bindparam("stopped"))
+)
 
 
 def clean_event(event):
@@ -48,56 +68,52 @@ class StartHistory:
 
     def __init__(self, db, retention_days=7, per_user=20):
         self.db = db
+        # a start id used again (a hub's choice) starts its row anew
+        self._insert_start = db.insert_or_replace(
+            StartRecord, ("hub_id", "name", "start_id"),
+            reset={"ended": None, "stopped": None, "outcome": "starting", "data": None},
+        )  # fmt: skip
         self.retention_days = retention_days
         self.per_user = per_user
 
-    # writing (the ServerManager)
+    # writing (the ServerManager). Each write is a step of the transaction
+    # that records what it tells of: the row of a start is inserted with the
+    # server's record, its outcome saved with the state of the finished
+    # start, its end with the deletion of the record.
 
-    async def begin(self, server_id):
-        """A row for the start recorded as server ``server_id``"""
-        return await self.db._run(self._begin, server_id)
+    def begin_row(self, connection, server_id, row):
+        """A row for the start just recorded as server ``server_id``
+        (``row``: the values of its record), in the transaction of the insert"""
+        connection.execute(self._insert_start, {key: row[key] for key in _START_COLUMNS})
 
-    def _begin(self, connection, server_id):
-        # a start id used again (a hub's choice) starts its row anew
-        key = select(Server.hub_id, Server.name, Server.start_id).where(Server.id == server_id)
-        found = connection.execute(key).first()
-        if found is None:
-            return
-        connection.execute(delete(StartRecord).where(
-            StartRecord.hub_id == found.hub_id, StartRecord.name == found.name,
-            StartRecord.start_id == found.start_id,
-        ))  # fmt: skip
-        columns = select(Server.hub_id, Server.user_id, Server.name, Server.start_id, Server.flavor,
-                         Server.started).where(Server.id == server_id)  # fmt: skip
-        connection.execute(
-            insert(StartRecord).from_select(
-                ["hub_id", "user_id", "name", "start_id", "flavor", "started"], columns
-            )
-        )
+    def end_start_step(self, hub_id, name, start_id, outcome, events, reason=None):
+        """The step that records how a start ended (``ready``, ``failed`` or
+        ``cancelled``), for :meth:`~jupyterhub_outpost.orm.Database.save_state`"""
+        events = list(events[-MAX_EVENTS:])
+        return partial(self._end_start, hub_id, name, start_id, outcome, events, reason, utcnow())
 
-    async def end_start(self, key, outcome, events, reason=None):
-        """The start of ``key`` (hub, name, start_id) ended: ready, failed or cancelled"""
-        data = {"events": [clean_event(e) for e in events[-MAX_EVENTS:]]}
+    def _end_start(self, hub_id, name, start_id, outcome, events, reason, ended, connection):
+        data = {"events": [clean_event(e) for e in events]}
         if reason:
             data["reason"] = secrets.scrub(str(reason))[:MAX_MESSAGE]
-        values = {"outcome": outcome, "ended": utcnow(), "data": self.db._seal(data)}
-        if outcome != "ready":
-            values["stopped"] = values["ended"]
-        await self.db._run(self._update, *key, values)
+        values = {"h_hub_id": hub_id, "h_name": name, "h_start_id": start_id, "outcome": outcome,
+                  "ended": ended, "data": self.db._seal(data)}  # fmt: skip
+        connection.execute(_END_START if outcome == "ready" else _END_START_AND_SERVER, values)
 
-    async def server_ended(self, key, outcome="stopped"):
-        """The server of ``key`` ended: ``stopped`` or ``expired``"""
-        await self.db._run(self._update, *key, {"outcome": outcome, "stopped": utcnow()},
-                           StartRecord.outcome == "ready")  # fmt: skip
+    async def end_start(self, key, outcome, events, reason=None):
+        """Record on its own how the start of ``key`` (hub, name, start_id)
+        ended, when no other write goes with it"""
+        hub, name, start_id = key
+        hub_id = await self.db.hub_id(hub)
+        step = self.end_start_step(hub_id, name, start_id, outcome, events, reason)
+        await self.db._run(step)
 
-    def _update(self, connection, hub, name, start_id, values, *where):
-        hub_id = select(Hub.id).where(Hub.name == hub).scalar_subquery()
-        connection.execute(
-            update(StartRecord)
-            .where(StartRecord.hub_id == hub_id, StartRecord.name == name,
-                   StartRecord.start_id == start_id, *where)  # fmt: skip
-            .values(**values)
-        )
+    def server_ended_step(self, hub_id, name, start_id, outcome="stopped"):
+        """The step that records that a ready server ended (``stopped`` or
+        ``expired``), for :meth:`~jupyterhub_outpost.orm.Database.delete_server`"""
+        values = {"h_hub_id": hub_id, "h_name": name, "h_start_id": start_id,
+                  "outcome": outcome, "stopped": utcnow()}  # fmt: skip
+        return lambda connection: connection.execute(_SERVER_ENDED, values)
 
     # reading (the API and the CLI)
 

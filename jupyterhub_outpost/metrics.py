@@ -160,6 +160,25 @@ class _ServersCollector:
         yield age
 
 
+class _WritesCollector:
+    """Database writes and the transactions they shared (group commit)"""
+
+    def __init__(self, app):
+        self.app = app
+
+    def collect(self):
+        writes = getattr(self.app.db, "writes", None)
+        calls = CounterMetricFamily(f"{PREFIX}_db_writes", "Database write calls")
+        batches = CounterMetricFamily(
+            f"{PREFIX}_db_write_transactions",
+            "Transactions that database writes ran in (writes that queue up together share one)",
+        )
+        calls.add_metric([], writes.calls if writes is not None else 0)
+        batches.add_metric([], writes.batches if writes is not None else 0)
+        yield calls
+        yield batches
+
+
 class _SlurmCollector:
     """Slurm's shared queue, when Slurm servers run in this process"""
 
@@ -301,6 +320,7 @@ class OutpostMetrics(LoggingConfigurable):
         spawner = app.spawner_class
         info.labels(__version__, f"{spawner.__module__}.{spawner.__name__}").set(1)
         registry.register(_ServersCollector(self))
+        registry.register(_WritesCollector(app))
         if _uses_slurm(app.spawner_class):
             registry.register(_SlurmCollector())
         # every series present from the start, at 0: rate() and increase()

@@ -39,11 +39,14 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import InterfaceError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .errors import DatabaseUnavailableError, ServerExistsError
+from .groupcommit import GroupCommit
 from .utils import as_utc, utcnow
 
 log = logging.getLogger(__name__)
@@ -187,6 +190,17 @@ class ServerRecord:
     def key(self):
         return (self.hub, self.name, self.start_id)
 
+    @classmethod
+    def new(cls, hub, name, start_id, user_name, hub_user_id, spawner_class, flavor=None,
+            end_date=None, owner=""):  # fmt: skip
+        """The record of a start not yet stored (for :meth:`Database.add_server`)"""
+        return cls(
+            id=None, hub=hub, name=name, start_id=start_id, user_name=user_name,
+            hub_user_id=hub_user_id, spawner_class=spawner_class, flavor=flavor, service="",
+            start_pending=True, stop_pending=False, started=None, last_update=None,
+            end_date=end_date, end_warned=False, owner=owner,
+        )  # fmt: skip
+
 
 def _sqlite_pragmas(dbapi_conn, connection_record):
     cursor = dbapi_conn.cursor()
@@ -266,23 +280,42 @@ _SERVER_STATUS = select(Server.id, Server.start_pending, Server.stop_pending).wh
 
 
 # The writes of every start and stop, built once (building them per call cost
-# more than running them, and each built statement took a cache entry)
-_INSERT_SERVER = insert(Server)
-_STATE_UPDATE = (
-    update(Server)
-    .where(Server.id == bindparam("sid"))
-    .values(state=bindparam("state"), last_update=bindparam("last_update"))
+# more than running them, and each built statement took a cache entry).
+# Inserts that may meet an existing key say so by returning no row, rather
+# than by an error that a savepoint would have to catch.
+def _insert_new(table, dialect_insert, key):
+    """``INSERT ... ON CONFLICT (key) DO NOTHING RETURNING id`` of ``table``"""
+    return dialect_insert(table).on_conflict_do_nothing(index_elements=key).returning(table.id)
+
+
+_USER_BY_HUB_ID = select(User.id, User.name).where(
+    User.hub_id == bindparam("hub_id"), User.hub_user_id == bindparam("hub_user_id")
 )
-# A finished start: unless a stop was asked for meanwhile (by another process)
-_START_DONE = _STATE_UPDATE.where(Server.stop_pending.is_(False)).values(
-    start_pending=False, owner=""
-)
-# (with the service address, start done) -> statement
+_USER_RENAME = update(User).where(User.id == bindparam("uid")).values(name=bindparam("name"))
+_TAKE_ACCOUNTING_LOCK = update(Lease).where(Lease.name == ACCOUNTING_LOCK).values(owner="")
+_SERVER_UPDATE = update(Server).where(Server.id == bindparam("sid"))
+
+
+def _state_update(state, service, start_done):
+    """The update of a server's state (unless ``state`` is False: kept as
+    stored), its address, and the end of its start"""
+    values = {"last_update": bindparam("last_update")}
+    if state:
+        values["state"] = bindparam("state")
+    if service:
+        values["service"] = bindparam("service")
+    statement = _SERVER_UPDATE
+    if start_done:
+        # a finished start: unless a stop was asked for meanwhile (by another process)
+        statement = statement.where(Server.stop_pending.is_(False))
+        values.update(start_pending=False, owner="")
+    return statement.values(**values)
+
+
+# (with the state, with the service address, start done) -> statement
 _SAVE_STATE = {
-    (False, False): _STATE_UPDATE,
-    (False, True): _START_DONE,
-    (True, False): _STATE_UPDATE.values(service=bindparam("service")),
-    (True, True): _START_DONE.values(service=bindparam("service")),
+    (state, service, done): _state_update(state, service, done)
+    for state in (False, True) for service in (False, True) for done in (False, True)
 }
 # this process stops a running server
 _CLAIM_STOP = (
@@ -329,7 +362,8 @@ class Database:
     """Asynchronous access to the Outpost's tables.
 
     Writes run in Core transactions on a pool of ``workers`` threads (one for
-    SQLite, which has one writer at a time anyway). Reads run on separate
+    SQLite, which has one writer at a time anyway); the writes that queue up
+    while one transaction runs share the next (:mod:`.groupcommit`). Reads run on separate
     ``read_workers`` threads, so that polls never queue behind writes; the
     read a poll makes runs as one precompiled statement on a DBAPI
     connection that each reader thread keeps (autocommit, no pool checkout,
@@ -368,6 +402,14 @@ class Database:
         self._readers = set()
         self._readers_lock = threading.Lock()
         self._status = _Statement(_SERVER_STATUS, self.engine.dialect)
+        self.writes = GroupCommit(
+            self.engine, self.executor, workers, self._translate, self._observe_write
+        )
+        self._dialect_insert = dialect_insert = sqlite_insert if self.is_sqlite else postgresql_insert
+        self._user_upsert = _insert_new(User, dialect_insert, [User.hub_id, User.hub_user_id])
+        self._insert_server = _insert_new(
+            Server, dialect_insert, [Server.hub_id, Server.name, Server.start_id]
+        )
         self._hub_ids = {}
         self._user_ids = {}  # (hub id, hub's user id) -> (user id, name)
         # the process whose starts add_server records (see servers.owner)
@@ -376,33 +418,38 @@ class Database:
         self.observer = None
 
     async def _run(self, fn, *args):
-        """Run ``fn(connection, *args)`` in a writer thread, in one transaction"""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, partial(self._call, fn, *args))
+        """Run ``fn(connection, *args)`` in a writer thread, in a transaction
+        (shared with the writes queued meanwhile: :mod:`.groupcommit`)"""
+        return await self.writes.submit(asyncio.get_running_loop(), fn, args)
+
+    def _translate(self, e):
+        if isinstance(e, (OperationalError, InterfaceError)):
+            return _unavailable(e)
+        return None
+
+    def _observe_write(self, seconds, failed):
+        if self.observer is not None:
+            self.observer("write", seconds, failed)
 
     async def _read(self, fn, *args):
         """Run ``fn(connection, *args)`` in a reader thread: reads only"""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self.read_executor, partial(self._call, fn, *args, read_only=True)
+            self.read_executor, partial(self._call, fn, *args)
         )
 
-    def _call(self, fn, *args, read_only=False):
+    def _call(self, fn, *args):
         began, failed = time.perf_counter(), True
         try:
-            if read_only:
-                with self.engine.connect() as connection:
-                    result = fn(connection, *args)
-            else:
-                with self.engine.begin() as connection:
-                    result = fn(connection, *args)
+            with self.engine.connect() as connection:
+                result = fn(connection, *args)
             failed = False
             return result
         except (OperationalError, InterfaceError) as e:
             raise _unavailable(e) from e
         finally:
             if self.observer is not None:
-                self.observer("read" if read_only else "write", time.perf_counter() - began, failed)
+                self.observer("read", time.perf_counter() - began, failed)
 
     # the hot read path: a DBAPI connection per reader thread
 
@@ -457,6 +504,7 @@ class Database:
     def close(self):
         self.executor.shutdown(wait=True)
         self.read_executor.shutdown(wait=True)
+        self.writes.close()
         with self._readers_lock:
             readers, self._readers = self._readers, set()
         for connection in readers:
@@ -475,7 +523,24 @@ class Database:
     def _record(self, row, state=None, request=None):
         return ServerRecord(*row, state=state, request=request)
 
+    def insert_or_replace(self, table, key, reset=None):
+        """A prebuilt ``INSERT`` into ``table`` (an ORM class) that, when a row
+        with the same ``key`` columns exists, overwrites it instead: with
+        the inserted values, and the ``reset`` ones ({column: value})"""
+        statement = self._dialect_insert(table)
+        replaced = {c.name: statement.excluded[c.name] for c in table.__table__.columns
+                    if c.name not in key and c.name != "id"}  # fmt: skip
+        replaced.update(reset or {})
+        return statement.on_conflict_do_update(
+            index_elements=[getattr(table, name) for name in key], set_=replaced
+        )
+
     # hubs
+    @property
+    def hub_ids(self):
+        """Hub name -> id, of the hubs this process has used (read only)"""
+        return self._hub_ids
+
     async def hub_id(self, name):
         """The id of the hub ``name``, created on first use (cached)"""
         if name not in self._hub_ids:
@@ -495,98 +560,79 @@ class Database:
         return hub_id
 
     # servers
-    async def add_server(self, hub, user_name, hub_user_id, name, start_id, **kwargs):
-        """Record a new start (start_pending); return its :class:`ServerRecord`.
+    async def add_server(self, record, request, state=None, check_limits=None, then=None):
+        """Record a new start (start pending) from ``record``, a
+        :class:`ServerRecord` without id; fill in its id and times.
+
+        ``request`` (stored encrypted) and ``state`` (the Spawner's state
+        before its start, stored encrypted) belong to the record;
+        ``check_limits(servers of flavor, the user's of flavor, the user's
+        servers)`` may raise to refuse the start; ``then(connection,
+        server_id, row)`` runs in the same transaction after the insert.
 
         Raises :class:`ServerExistsError`, or what ``check_limits`` raises.
         """
-        hub_id = await self.hub_id(hub)
-        known = self._user_ids.get((hub_id, hub_user_id))
-        user_id = known[0] if known and known[1] == user_name else None
-        server_id, user_id, now = await self._run(
-            self._add_server, hub_id, user_id, user_name, hub_user_id, name, start_id, kwargs
+        hub_id = await self.hub_id(record.hub)
+        known = self._user_ids.get((hub_id, record.hub_user_id))
+        user_id = known[0] if known and known[1] == record.user_name else None
+        record.id, user_id, record.started = await self._run(
+            self._add_server, hub_id, user_id, record, request, state, check_limits, then
         )
+        record.last_update = record.started
         # cached only now: the transaction that created the user is committed
-        self._user_ids[(hub_id, hub_user_id)] = (user_id, user_name)
-        return ServerRecord(
-            id=server_id,
-            hub=hub,
-            name=name,
-            start_id=start_id,
-            user_name=user_name,
-            hub_user_id=hub_user_id,
-            spawner_class=kwargs["spawner_class"],
-            flavor=kwargs.get("flavor"),
-            service="",
-            start_pending=True,
-            stop_pending=False,
-            started=now,
-            last_update=now,
-            end_date=kwargs.get("end_date"),
-            end_warned=False,
-            owner=kwargs.get("owner", self.owner),
-        )
+        self._user_ids[(hub_id, record.hub_user_id)] = (user_id, record.user_name)
+        return record
 
     def _user(self, connection, hub_id, hub_user_id, user_name):
-        row = connection.execute(
-            select(User.id, User.name).where(
-                User.hub_id == hub_id, User.hub_user_id == hub_user_id
-            )
-        ).first()
-        if row is None:
-            try:
-                with connection.begin_nested():
-                    result = connection.execute(
-                        insert(User).values(hub_id=hub_id, hub_user_id=hub_user_id, name=user_name)
-                    )
-                    return result.inserted_primary_key[0]
-            except IntegrityError:  # created by a concurrent start
-                return self._user(connection, hub_id, hub_user_id, user_name)
-        if row.name != user_name:
-            connection.execute(update(User).where(User.id == row.id).values(name=user_name))
-        return row.id
+        """The id of a hub's user, created or renamed as needed: one statement
+        for a new user, one read for a known one (no savepoint)"""
+        values = {"hub_id": hub_id, "hub_user_id": hub_user_id, "name": user_name}
+        row = connection.execute(self._user_upsert, values).first()
+        if row is not None:
+            return row[0]
+        user_id, name = connection.execute(_USER_BY_HUB_ID, values).first()
+        if name != user_name:
+            connection.execute(_USER_RENAME, {"uid": user_id, "name": user_name})
+        return user_id
 
-    def _add_server(self, connection, hub_id, user_id, user_name, hub_user_id, name, start_id, kw):
-        check_limits = kw.get("check_limits")
+    def _add_server(self, connection, hub_id, user_id, record, request, state, check_limits, then):
         if check_limits is not None:
             # the first write of this transaction: concurrent starts with
             # limits wait here, so the count below cannot be outdated
-            connection.execute(
-                update(Lease).where(Lease.name == ACCOUNTING_LOCK).values(owner="")
-            )
+            connection.execute(_TAKE_ACCOUNTING_LOCK)
         if user_id is None:
-            user_id = self._user(connection, hub_id, hub_user_id, user_name)
+            user_id = self._user(connection, hub_id, record.hub_user_id, record.user_name)
         if check_limits is not None:
-            check_limits(*self._counts_for(connection, user_id, kw.get("flavor")))
+            check_limits(*self._counts_for(connection, user_id, record.flavor))
         now = utcnow()
-        try:
-            result = connection.execute(
-                _INSERT_SERVER,
-                {
-                    "hub_id": hub_id,
-                    "user_id": user_id,
-                    "name": name,
-                    "start_id": start_id,
-                    "spawner_class": kw["spawner_class"],
-                    "flavor": kw.get("flavor"),
-                    "request": self._seal(kw["request"]),
-                    "service": "",
-                    "start_pending": True,
-                    "stop_pending": False,
-                    "started": now,
-                    "last_update": now,
-                    "end_date": kw.get("end_date"),
-                    "end_warned": False,
-                    "owner": kw.get("owner", self.owner),
-                },
-            )
-        except IntegrityError:
-            # the only row this transaction writes (besides a new user and
-            # the lock): rolling it all back loses nothing
+        row = {
+            "hub_id": hub_id,
+            "user_id": user_id,
+            "name": record.name,
+            "start_id": record.start_id,
+            "spawner_class": record.spawner_class,
+            "flavor": record.flavor,
+            "state": None if state is None else self._seal(state),
+            "request": self._seal(request),
+            "service": "",
+            "start_pending": True,
+            "stop_pending": False,
+            "started": now,
+            "last_update": now,
+            "end_date": record.end_date,
+            "end_warned": False,
+            "owner": record.owner,
+        }
+        server_id = connection.execute(self._insert_server, row).scalar()
+        if server_id is None:
+            # the key exists: nothing was written but possibly a new user
+            # (kept: it exists) and the lock
             raise ServerExistsError(
-                f"Server {name!r} with start_id {start_id!r} already exists"
-            ) from None
-        return result.inserted_primary_key[0], user_id, now
+                f"Server {record.name!r} with start_id {record.start_id!r} already exists"
+            )
+        if then is not None:
+            then(connection, server_id, row)
+        return server_id, user_id, now
 
     def _counts_for(self, connection, user_id, flavor):
         """(servers of flavor, the user's of flavor, the user's in all); stopping ones excluded"""
@@ -717,16 +763,23 @@ class Database:
             ]
         return [self._record(r) for r in connection.execute(query)]
 
-    async def save_state(self, server_id, state, service=None, start_done=False):
-        """Store the spawner's state (and, when a start finished, its address)"""
-        return await self._run(self._save_state, server_id, state, service, start_done)
+    async def save_state(self, server_id, state, service=None, start_done=False, then=None):
+        """Store the spawner's state (None: keep the stored one) and, when a
+        start finished, its address. True when the record was updated; then,
+        in the same transaction, ``then(connection)`` runs."""
+        return await self._run(self._save_state, server_id, state, service, start_done, then)
 
-    def _save_state(self, connection, server_id, state, service, start_done):
-        params = {"sid": server_id, "state": self._seal(state), "last_update": utcnow()}
+    def _save_state(self, connection, server_id, state, service, start_done, then=None):
+        params = {"sid": server_id, "last_update": utcnow()}
+        if state is not None:
+            params["state"] = self._seal(state)
         if service is not None:
             params["service"] = service
-        statement = _SAVE_STATE[service is not None, start_done]
-        return connection.execute(statement, params).rowcount == 1
+        statement = _SAVE_STATE[state is not None, service is not None, start_done]
+        saved = connection.execute(statement, params).rowcount == 1
+        if saved and then is not None:
+            then(connection)
+        return saved
 
     async def claim_stop(self, server_id, owner):
         """Mark a running server as stopping by ``owner``. True if this call set the flag."""
@@ -793,13 +846,16 @@ class Database:
         )
         return result.rowcount
 
-    async def delete_server(self, server_id):
-        """Forget a server. True if it was still recorded."""
-        return await self._run(self._delete_server, server_id)
+    async def delete_server(self, server_id, then=None):
+        """Forget a server. True if it was still recorded; then, in the same
+        transaction, ``then(connection)`` runs."""
+        return await self._run(self._delete_server, server_id, then)
 
-    def _delete_server(self, connection, server_id):
-        result = connection.execute(_DELETE_SERVER, {"sid": server_id})
-        return result.rowcount == 1
+    def _delete_server(self, connection, server_id, then=None):
+        deleted = connection.execute(_DELETE_SERVER, {"sid": server_id}).rowcount == 1
+        if deleted and then is not None:
+            then(connection)
+        return deleted
 
     # leases for background work, and the runtime of servers
 

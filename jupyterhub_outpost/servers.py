@@ -11,6 +11,7 @@ it).
 """
 
 import asyncio
+import copy
 import html
 import os
 import shutil
@@ -36,8 +37,9 @@ from .earlyexit import EarlyExitWatch
 from .history import StartHistory
 from .log import secrets
 from .metrics import observed
+from .orm import ServerRecord
 from .objects import OutpostDB, OutpostHub, OutpostORMSpawner, OutpostUser
-from .spawnercalls import SpawnerCalls, runs_on_loop
+from .spawnercalls import SpawnerCalls, hook_configured, runs_on_loop
 from .spawners import kube, localprocess
 from .statekeeper import StateKeepers, state_is_unknown, state_to_save
 from .stops import StopClaims
@@ -85,6 +87,7 @@ class ManagedServer:
         self.stop_call = None  # a stop() running in a thread
         self.log_name = "{}/{}/{}".format(*record.key)
         self.events = []  # the progress events of its start, for the history
+        self.saved_state = None  # the state last stored, while the start runs
         self.output_path = None  # where the server's output goes, when the Outpost keeps it
 
     @property
@@ -105,12 +108,19 @@ class ManagedServer:
         if isinstance(orm_spawner, OutpostORMSpawner):
             orm_spawner.release_server(self.spawner)
 
-    async def save_state(self, service=None, start_done=False):
+    async def save_state(self, service=None, start_done=False, then=None):
         """Store the Spawner's state; False when a finished start was not
-        recorded as done (another process asked for a stop meanwhile)"""
-        return await self.manager.db.save_state(
-            self.record.id, state_to_save(self.spawner), service, start_done
+        recorded as done (another process asked for a stop meanwhile).
+        ``then(connection)`` runs in the same transaction when it was.
+        During a start, a state stored already is not written again."""
+        state = state_to_save(self.spawner)
+        unchanged = self.starting and state == self.saved_state
+        saved = await self.manager.db.save_state(
+            self.record.id, None if unchanged else state, service, start_done, then
         )
+        if self.starting:
+            self.saved_state = copy.deepcopy(state)
+        return saved
 
     async def poll(self, calls, timeout):
         """The Spawner's ``poll()``, raising ``asyncio.TimeoutError`` after ``timeout``"""
@@ -162,6 +172,7 @@ class ServerManager(LoggingConfigurable):
             self.db, self.owner, app.pending_timeout, app.stop_timeout + OTHER_STOP_WAIT
         )
         self.calls = SpawnerCalls(app.spawner_threads)
+        self._usage_updates = {}  # (hub, update url) -> None, or the next update's (env, log name)
         self.history = StartHistory(self.db, app.history_retention_days, app.history_per_user)
         self.early_exits = EarlyExitWatch(self, app.early_exit_window, localprocess.output_tail)
         self.keepers = StateKeepers(self.db, self.log)
@@ -240,6 +251,12 @@ class ServerManager(LoggingConfigurable):
 
     # start
 
+    def _refused(self, hub, env, error):
+        """A start refused before anything ran"""
+        if self.app.metrics is not None:
+            self.app.metrics.start_refused(hub, error)
+        self._report_usage(hub, env)
+
     async def check_overrides(self, hub, request):
         """What the policy lets this start do (:class:`~jupyterhub_outpost.policy.StartPlan`)"""
         return await self.policy.check_start(hub, request)
@@ -259,43 +276,52 @@ class ServerManager(LoggingConfigurable):
             flavor_name, flavor, check_limits, end_date = await self.policy.flavor_for_start(
                 hub, request
             )
-            stored = {
-                "env": env,
-                "user_options": request["user_options"],
-                "misc": plan.overrides,
-                "account": plan.account,
-            }
-            async with self._turns:
-                record = await self.db.add_server(
-                    hub,
-                    env.get("JUPYTERHUB_USER", ""),
-                    env.get("JUPYTERHUB_USER_ID") or env.get("JUPYTERHUB_USER", ""),
-                    request["name"],
-                    request["start_id"],
-                    spawner_class=_class_name(self.app.spawner_class),
-                    flavor=flavor_name,
-                    check_limits=check_limits,
-                    end_date=end_date,
-                    request=stored,
-                )
         except (OverrideRefusedError, AccountRefusedError, FlavorError) as e:
-            if self.app.metrics is not None:
-                self.app.metrics.start_refused(hub, e)
-            self._report_usage(hub, env)
+            self._refused(hub, env, e)
             raise
+        stored = {
+            "env": env,
+            "user_options": request["user_options"],
+            "misc": plan.overrides,
+            "account": plan.account,
+        }
+        record = ServerRecord.new(
+            hub,
+            request["name"],
+            request["start_id"],
+            user_name=env.get("JUPYTERHUB_USER", ""),
+            hub_user_id=env.get("JUPYTERHUB_USER_ID") or env.get("JUPYTERHUB_USER", ""),
+            spawner_class=_class_name(self.app.spawner_class),
+            flavor=flavor_name,
+            end_date=end_date,
+            owner=self.owner,
+        )
+        # the Spawner first, so that its state before the start is stored
+        # with the record: one transaction, and nothing for the keeper to save
         try:
             async with self._turns:
                 managed = self.build_spawner(record, stored, auth_state)
             if flavor is not None:
                 await maybe_future(self.app.apply_flavor_hook(managed.spawner, flavor_name, flavor))
+            state = copy.deepcopy(state_to_save(managed.spawner))
         except Exception as e:
-            await self.db.delete_server(record.id)
+            _forget_secrets(env)
             self._report_usage(hub, env)
             raise StartFailedError(e) from e
+        try:
+            async with self._turns:
+                await self.db.add_server(
+                    record, stored, state, check_limits=check_limits, then=self.history.begin_row
+                )
+        except BaseException as e:
+            _forget_secrets(env)
+            if isinstance(e, FlavorError):
+                self._refused(hub, env, e)
+            raise
         self.active[record.key] = managed
-        await self._record_history(self.history.begin, record.id)
+        managed.saved_state = state
         task = managed.start_task = asyncio.create_task(
-            self._run_start(managed, certs or {}, trust_bundles or {}, run_async)
+            self._run_start(managed, certs or {}, trust_bundles or {}, run_async, state)
         )
         # a finished task is not kept: 10,000 running servers, 10,000 tasks less
         task.add_done_callback(managed.forget_start_task)
@@ -308,11 +334,13 @@ class ServerManager(LoggingConfigurable):
         return {"service": task.result()}
 
     @observed("start", lambda managed, *_: managed.record.hub)
-    async def _run_start(self, managed, certs, trust_bundles, run_async):
+    async def _run_start(self, managed, certs, trust_bundles, run_async, saved_state):
         spawner = managed.spawner
         spawner._spawn_pending = True
         forwarder = start_future = None
-        managed.keeper = self.keepers.add(managed, on_stop_requested=managed.start_task.cancel)
+        managed.keeper = self.keepers.add(
+            managed, on_stop_requested=managed.start_task.cancel, saved=saved_state
+        )
         try:
             if self.policy.events_enabled(managed.record.hub):
                 await self._send_event(
@@ -323,7 +351,8 @@ class ServerManager(LoggingConfigurable):
                 # as JupyterHub does, but only when configured: the protocol's
                 # own keys (start_id, flavor) are not the spawner's business
                 await spawner._run_apply_user_options(spawner.user_options)
-            await self.calls.call(spawner.run_pre_spawn_hook)
+            if hook_configured(spawner, "pre_spawn_hook"):  # else no thread for nothing
+                await self.calls.call(spawner.run_pre_spawn_hook)
             if certs:
                 await self._install_certs(managed, certs, trust_bundles)
             await self._capture_output(managed)
@@ -345,18 +374,23 @@ class ServerManager(LoggingConfigurable):
             spawner._spawn_future = None  # as JupyterHub does once a spawn finished
             if forwarder is not None:
                 await asyncio.wait([forwarder], timeout=self.app.hub_client.request_timeout)
-            await self._end_keeper(managed)
+            # the state is saved once more below, with the address, the end
+            # of the start and its history: one transaction
+            await self._end_keeper(managed, last_save=False)
+            ready = self.history.end_start_step(
+                self.db.hub_ids[managed.record.hub], *managed.record.key[1:], "ready", managed.events
+            )
             async with self._turns:
                 await managed.outpost_db.flush_pending()
-                done = await managed.save_state(service=service, start_done=True)
+                done = await managed.save_state(service=service, start_done=True, then=ready)
             if not done:
                 raise _StopRequested()
-            await self._record_history(self.history.end_start, managed.record.key, "ready", managed.events)
             if self.app.early_exit_window > 0 and managed.output_path:
                 # servers whose output the Outpost keeps: it has their words to tell
                 self.early_exits.watch(managed)  # it forgets the events when done
             else:
                 managed.events = []
+            managed.saved_state = None
             managed.release_memory()
             self.log.info("%s - started at %s", managed.log_name, service or "(address follows)")
             self._after_change(managed)
@@ -398,13 +432,14 @@ class ServerManager(LoggingConfigurable):
                 if not forwarder.done():
                     forwarder.cancel()
 
-    async def _end_keeper(self, managed):
-        """Stop saving the state as it changes, after one last save"""
+    async def _end_keeper(self, managed, last_save=True):
+        """Stop saving the state as it changes, after one last save (unless
+        the caller saves it next)"""
         keeper, managed.keeper = managed.keeper, None
         if keeper is None:
             return
         try:
-            await keeper.stop()
+            await keeper.stop(last_save)
         except Exception as e:
             self.log.warning("%s - could not save the state: %s", managed.log_name, _describe(e))
 
@@ -476,11 +511,13 @@ class ServerManager(LoggingConfigurable):
             return
         localprocess.use_output(managed.spawner, fd)
 
-    async def _forget(self, managed):
+    async def _forget(self, managed, then=None):
+        """Remove what belongs to a server and its record (with ``then``, a
+        step of the same transaction)"""
         await self._remove_certs(managed)
         output = localprocess.output_file(self.app.server_output_dir, managed.record.key)
         await asyncio.get_running_loop().run_in_executor(None, _remove_file, output)
-        await self.db.delete_server(managed.record.id)
+        await self.db.delete_server(managed.record.id, then)
         if self.active.get(managed.record.key) is managed:
             del self.active[managed.record.key]
         _forget_secrets(managed.env)
@@ -493,11 +530,31 @@ class ServerManager(LoggingConfigurable):
         self._report_usage(managed.record.hub, managed.env, managed.log_name)
 
     def _report_usage(self, hub, env, log_name=""):
-        self._keep(asyncio.ensure_future(self._send_flavor_update(hub, env, log_name)))
+        """Send the hub its flavor usage, where it asked for it; one update
+        per hub and address at a time, and one more after it when usage
+        changed meanwhile (a burst of starts sends two, not one each)"""
+        url = env.get("JUPYTERHUB_FLAVORS_UPDATE_URL")
+        if not url or not env.get("JUPYTERHUB_FLAVORS_UPDATE_TOKEN"):
+            return
+        key = (hub, url)
+        if key in self._usage_updates:
+            self._usage_updates[key] = (env, log_name)  # sent when the one in flight is done
+            return
+        self._usage_updates[key] = None
+        self._keep(asyncio.ensure_future(self._send_flavor_updates(key, hub, env, log_name)))
 
-    async def _send_flavor_update(self, hub, env, log_name):
-        usage = await self.policy.flavor_usage(hub)
-        await self.hub_client.send_flavor_update(env, usage, log_name)
+    async def _send_flavor_updates(self, key, hub, env, log_name):
+        try:
+            while True:
+                usage = await self.policy.flavor_usage(hub)
+                await self.hub_client.send_flavor_update(env, usage, log_name)
+                again = self._usage_updates.get(key)
+                if again is None:
+                    break
+                self._usage_updates[key] = None
+                env, log_name = again
+        finally:
+            self._usage_updates.pop(key, None)
 
     def _keep(self, task):
         self._background.add(task)
@@ -648,12 +705,14 @@ class ServerManager(LoggingConfigurable):
             await self.db.release_stop(record.id, self.owner)
             raise StopFailedError(f"The server could not be stopped: {reason}") from None
         try:
-            await self.calls.call(managed.spawner.run_post_stop_hook, timeout=timeout)
+            if hook_configured(managed.spawner, "post_stop_hook"):
+                await self.calls.call(managed.spawner.run_post_stop_hook, timeout=timeout)
         except Exception as e:
             self.log.error("%s - post_stop_hook failed: %s", managed.log_name, _describe(e))
         managed.spawner.clear_state()
-        await self._forget(managed)
-        await self._record_history(self.history.server_ended, record.key, outcome)
+        # its history says so in the transaction that deletes the record
+        ended = self.history.server_ended_step(self.db.hub_ids[record.hub], *record.key[1:], outcome)
+        await self._forget(managed, then=ended)
         self.log.info("%s - stopped", managed.log_name)
         return logs
 

@@ -11,12 +11,22 @@ import inspect
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
+from jupyterhub.spawner import Spawner
 from tornado.gen import is_coroutine_function
 
 if hasattr(asyncio, "timeout"):  # Python >= 3.11: no extra task per call
     _deadline = asyncio.timeout
 else:  # pragma: no cover
     _deadline = None
+
+
+def hook_configured(spawner, name):
+    """Whether ``spawner.run_<name>()`` has anything to do: the hook
+    ``name`` is set, or the Spawner class runs its own code there"""
+    runner = f"run_{name}"
+    if getattr(type(spawner), runner, None) is not getattr(Spawner, runner):
+        return True
+    return getattr(spawner, name, None) is not None
 
 
 def runs_on_loop(fn):

@@ -42,24 +42,24 @@ class StateKeeper:
     changes a trait, and at each tick of the shared :class:`StateKeepers`.
     """
 
-    def __init__(self, keepers, managed, on_stop_requested):
+    def __init__(self, keepers, managed, on_stop_requested, saved=_UNSAVED):
         self.keepers = keepers
         self.managed = managed
         self.on_stop_requested = on_stop_requested
-        self._saved = _UNSAVED
+        self._saved = saved
         self._writing = None  # the write in flight
         self._dirty = False  # changed while a write was in flight
-        self._woken = False
+        self._woken = None  # the timer of a check asked for
         self._warned = False
 
     def wake(self, change=None):
-        """Check the state at the next turn of the event loop"""
-        if not self._woken:
-            self._woken = True
-            asyncio.get_running_loop().call_soon(self._wake_up)
+        """Check the state ``save_delay`` seconds from now (the changes of
+        one step of a start, several traits at once, make one write)"""
+        if self._woken is None:
+            self._woken = asyncio.get_running_loop().call_later(self.keepers.save_delay, self._wake_up)
 
     def _wake_up(self):
-        self._woken = False
+        self._woken = None
         self.check()
 
     def check(self):
@@ -94,7 +94,7 @@ class StateKeeper:
     async def _write(self, state):
         try:
             await self.keepers.db.save_state(self.managed.record.id, state)
-            self._saved = state
+            self._saved = self.managed.saved_state = state
         except Exception as e:
             self.keepers.log.warning("%s - could not save the state: %s", self.managed.log_name, e)
         if self._dirty:
@@ -102,16 +102,22 @@ class StateKeeper:
             self._writing = None
             self.check()
 
-    async def stop(self):
-        """Stop watching, after one last save of what changed"""
+    async def stop(self, last_save=True):
+        """Stop watching, after one last save of what changed (unless the
+        caller saves the state next)"""
         self.managed.spawner.unobserve(self.wake, names=All)
         self.keepers.discard(self)
+        if self._woken is not None:
+            self._woken.cancel()
+            self._woken = None
         while self._writing is not None and not self._writing.done():
             await asyncio.wait([self._writing])
+        if not last_save:
+            return
         state = self._current()
         if state is not None:
             await self.keepers.db.save_state(self.managed.record.id, state)
-            self._saved = state
+            self._saved = self.managed.saved_state = state
 
 
 class StateKeepers:
@@ -121,23 +127,28 @@ class StateKeepers:
     compared with what was saved (a write only when it changed), and every
     ``stop_check_interval`` seconds one read asks the database which of
     them another process asked to stop. No task or query per server and tick.
+    A change the Spawner makes (a trait, ``db.commit()``) is checked
+    ``save_delay`` seconds after it: a start that ends within that time is
+    saved once, at its end.
 
     Parameters:
         db: the :class:`~jupyterhub_outpost.orm.Database`
         log: a logger
     """
 
-    def __init__(self, db, log, interval=0.1, stop_check_interval=1.0):
+    def __init__(self, db, log, interval=0.1, stop_check_interval=1.0, save_delay=0.005):
         self.db = db
         self.log = log
         self.interval = interval
+        self.save_delay = save_delay
         self.stop_check_interval = stop_check_interval
         self._keepers = set()
         self._ticker = None
 
-    def add(self, managed, on_stop_requested):
-        """Keep ``managed``'s state saved while it starts; return its keeper"""
-        keeper = StateKeeper(self, managed, on_stop_requested)
+    def add(self, managed, on_stop_requested, saved=_UNSAVED):
+        """Keep ``managed``'s state saved while it starts; return its keeper.
+        ``saved``: the state stored already (with the record)."""
+        keeper = StateKeeper(self, managed, on_stop_requested, saved)
         managed.spawner.observe(keeper.wake, names=All)
         self._keepers.add(keeper)
         if self._ticker is None or self._ticker.done():

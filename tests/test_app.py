@@ -436,8 +436,9 @@ async def populated_db(tmp_path_factory):
         "misc": {},
     }
     record = await outpost.db.add_server(
-        "hub-a", "alice", "7", "kept", "sid-1",
-        spawner_class="jupyterhub.spawner.SimpleLocalProcessSpawner", request=request,
+        orm.ServerRecord.new("hub-a", "kept", "sid-1", "alice", "7",
+                         spawner_class="jupyterhub.spawner.SimpleLocalProcessSpawner"),
+        request,
     )  # fmt: skip
     await outpost.db.save_state(record.id, {"pid": 0}, service="127.0.0.1:1", start_done=True)
     outpost.db.close()

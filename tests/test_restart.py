@@ -134,8 +134,8 @@ async def test_servers_survive_kill9_and_are_managed_after_restart(
         [("alice", "crash-one"), ("bob", "crash-two"), ("carol", "")],
     )  # fmt: skip
     assert await listed(outpost) == {(s["name"], s["start_id"]) for s in servers}
-    # the flavor updates of the three starts have arrived: nothing is in flight
-    await wait_until(lambda: len(fake_hub.calls("flavors")) >= updates_before + 3, timeout=10,
+    # the flavor usage has reached the hub (starts in a burst share updates)
+    await wait_until(lambda: len(fake_hub.calls("flavors")) > updates_before, timeout=10,
                      message="flavor updates")
 
     await asyncio.to_thread(outpost.kill9)

@@ -1,0 +1,184 @@
+"""Group commit: the writes that wait together run in one transaction.
+
+When fifty starts arrive at once, each used to take a writer thread for a
+transaction of its own: a pool checkout, ``BEGIN``, a few statements,
+``COMMIT``, and a wake-up of the event loop per write. :class:`GroupCommit`
+queues the writes instead; a writer thread takes what has queued up (at
+most ``max_batch`` calls), runs them one after another in one transaction,
+commits once and hands all results to the event loop in one wake-up. Under
+light load a batch holds one call, so nothing waits for company.
+
+Every call still sees the result it would have seen alone, in the order
+the calls were made:
+
+- The calls of a batch run in the order they were queued, on one
+  connection, so each sees what the calls before it wrote.
+- When any call of a batch raises (a key that exists, a limit reached, a
+  lost connection), the batch's transaction is rolled back and each of its
+  calls runs again in a transaction of its own, so one call's error is
+  never another's. Calls are functions of the connection and their
+  arguments, safe to run again after a rollback.
+- A call whose caller was cancelled before its batch began is not run.
+
+Each writer thread keeps its connection between batches (no pool checkout,
+no liveness ping per transaction); after an error the connection is dropped
+and the calls run again on new ones.
+"""
+
+import collections
+import threading
+import time
+
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError
+
+#: most calls in one transaction: bounds how long a batch holds its locks
+MAX_BATCH = 64
+
+# errors of a statement, not of the connection: it stays
+_KEPT_ON = (IntegrityError, DataError, ProgrammingError)
+
+
+class GroupCommit:
+    """Writes in batches on the threads of ``executor``.
+
+    Parameters:
+        engine: the SQLAlchemy engine
+        executor: a ``ThreadPoolExecutor``; at most ``workers`` of its
+            threads write at a time
+        workers: how many batches may run at once
+        translate: ``translate(exception)`` -> the exception to raise to the
+            caller instead (e.g. connection errors), or None to raise as is
+        observe: ``observe(seconds, failed)`` after each call, in its thread
+            (seconds: the call's transaction, begin to commit), or None
+    """
+
+    def __init__(self, engine, executor, workers, translate=None, observe=None, max_batch=MAX_BATCH):
+        self.engine = engine
+        self.executor = executor
+        self.workers = workers
+        self.translate = translate
+        self.observe = observe
+        self.max_batch = max_batch
+        self._queue = collections.deque()
+        self._lock = threading.Lock()
+        self._draining = 0  # writer threads at work (guarded by _lock)
+        self._local = threading.local()  # each writer thread's connection
+        self._connections = set()  # all of them (guarded by _lock), closed by close()
+        # figures: calls run, and the transactions they took (calls / batches: the mean batch)
+        self.batches = 0
+        self.calls = 0
+
+    def submit(self, loop, fn, args):
+        """Queue ``fn(connection, *args)``; an asyncio future of ``loop`` for its result"""
+        future = loop.create_future()
+        with self._lock:
+            self._queue.append((future, fn, args))
+            start = self._draining < self.workers
+            if start:
+                self._draining += 1
+        if start:
+            self.executor.submit(self._drain, loop)
+        return future
+
+    # the writer threads
+
+    def _drain(self, loop):
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._draining -= 1
+                    return
+                batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+            # a caller cancelled meanwhile (reading a future's state is safe here)
+            batch = [call for call in batch if not call[0].cancelled()]
+            if not batch:
+                continue
+            try:
+                results = self._run_batch(batch)
+            except BaseException as e:  # a bug here must not leave callers waiting
+                results = [(future, None, e) for future, _, _ in batch]
+            loop.call_soon_threadsafe(_deliver, results)
+
+    def _run_batch(self, batch):
+        self.calls += len(batch)
+        if len(batch) > 1:
+            self.batches += 1
+            began = time.perf_counter()
+            try:
+                connection = self._connection()
+                with connection.begin():
+                    results = [(future, fn(connection, *args), None) for future, fn, args in batch]
+            except Exception as e:
+                self._after_error(e)  # and each call again on its own, below
+            else:
+                self._observed(time.perf_counter() - began, False, len(batch))
+                return results
+        return [self._run_alone(*call) for call in batch]
+
+    def _connection(self):
+        connection = getattr(self._local, "connection", None)
+        if connection is None or connection.closed or connection.invalidated:
+            connection = self._local.connection = self.engine.connect()
+            with self._lock:
+                self._connections.add(connection)
+        return connection
+
+    def _after_error(self, e):
+        """Drop this thread's connection when ``e`` may have broken it"""
+        if isinstance(e, DBAPIError) and not isinstance(e, _KEPT_ON):
+            self.close_connection()
+
+    def close_connection(self):
+        """Close this thread's connection (the next batch opens a new one)"""
+        connection = self._local.__dict__.pop("connection", None)
+        if connection is not None:
+            with self._lock:
+                self._connections.discard(connection)
+            _close(connection)
+
+    def close(self):
+        """Close the writer threads' connections (once their work is done)"""
+        with self._lock:
+            connections, self._connections = self._connections, set()
+        for connection in connections:
+            _close(connection)
+
+
+    def _run_alone(self, future, fn, args):
+        self.batches += 1
+        began, error, result = time.perf_counter(), None, None
+        try:
+            connection = self._connection()
+            with connection.begin():
+                result = fn(connection, *args)
+        except Exception as e:
+            self._after_error(e)
+            translated = self.translate(e) if self.translate is not None else None
+            if translated is not None:
+                translated.__cause__ = e
+            error = translated or e
+        self._observed(time.perf_counter() - began, error is not None, 1)
+        return future, result, error
+
+    def _observed(self, seconds, failed, calls):
+        if self.observe is not None:
+            for _ in range(calls):
+                self.observe(seconds, failed)
+
+
+def _deliver(results):
+    """On the event loop: resolve the futures of one batch"""
+    for future, result, error in results:
+        if future.done():  # cancelled while its batch ran
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+
+def _close(connection):
+    try:
+        connection.close()
+    except Exception:
+        pass
