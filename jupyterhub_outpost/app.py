@@ -1,7 +1,6 @@
 """The jupyterhub-outpost application: configuration, startup, shutdown."""
 
 import asyncio
-import gc
 import hmac
 import json
 import logging
@@ -40,6 +39,7 @@ from .handlers import default_handlers
 from .handlers.base import NotFoundAPIHandler
 from .handlers.spec import load_spec
 from .background import BackgroundWork
+from .gcpolicy import CollectorPolicy
 from .hubclient import HubClient
 from .metrics import OutpostMetrics
 from .status import StatusPage
@@ -133,7 +133,7 @@ class JupyterHubOutpost(Application):
     def classes(self):
         from jupyterhub.spawner import LocalProcessSpawner, SimpleLocalProcessSpawner
 
-        return [JupyterHubOutpost, HubClient, OutpostMetrics, StatusPage, Spawner,
+        return [JupyterHubOutpost, HubClient, OutpostMetrics, StatusPage, CollectorPolicy, Spawner,
                 LocalProcessSpawner, SimpleLocalProcessSpawner]
 
     instance_name = Unicode(
@@ -1278,6 +1278,10 @@ class JupyterHubOutpost(Application):
         self.server_manager = ServerManager(self, policy=self.policy)
         self.log.info("Spawner: %s.%s", self.spawner_class.__module__, self.spawner_class.__name__)
 
+    def init_gc(self):
+        self.collector = CollectorPolicy(parent=self)
+        self.server_manager.collector = self.collector
+
     def init_metrics(self):
         metrics = OutpostMetrics(self)
         if not metrics.enabled:
@@ -1385,6 +1389,7 @@ class JupyterHubOutpost(Application):
         self.init_db()
         self.init_policy()
         self.init_servers()
+        self.init_gc()
         self.init_metrics()
         self.init_status_page()
         self.init_ssh()
@@ -1415,6 +1420,7 @@ class JupyterHubOutpost(Application):
             {
                 JupyterHubOutpost: lambda: fresh(JupyterHubOutpost),
                 HubClient: lambda: fresh(HubClient),
+                CollectorPolicy: lambda: fresh(CollectorPolicy),
                 OutpostMetrics: lambda: None,  # its computed default comes from the environment
                 StatusPage: lambda: None,  # so do its own
             },
@@ -1449,13 +1455,10 @@ class JupyterHubOutpost(Application):
         self.background.start()
         if self.metrics is not None:
             self.metrics.start()
-        # What exists now (modules, configuration, the application) lives as
-        # long as the process: keep it out of the garbage collector's full
-        # collections, which stop the event loop for as long as they scan.
-        # Without this, each one scanned ~100,000 objects (30 ms) before a
-        # single server ran.
-        gc.collect()
-        gc.freeze()
+        # what exists now lives as long as the process: out of the full
+        # collections' way (each scanned ~100,000 objects before a single
+        # server ran), and so, periodically, are the running servers
+        self.collector.start()
 
     async def launch(self):
         """Run until SIGTERM or SIGINT (the console script's main loop)"""
@@ -1478,6 +1481,7 @@ class JupyterHubOutpost(Application):
         """Stop listening, cancel starts in flight; running servers keep running"""
         self.log.info("Shutting down; running servers keep running")
         await self.background.stop()
+        await self.collector.stop()
         if self.metrics is not None:
             await self.metrics.stop()
         if self.http_server is not None:

@@ -13,6 +13,7 @@ scrape never touches the database however many servers run.
 
 import asyncio
 import functools
+import gc
 import hmac
 import ipaddress
 import os
@@ -27,7 +28,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from traitlets import Bool, Float, List, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
@@ -179,6 +180,39 @@ class _WritesCollector:
         yield batches
 
 
+class _CollectorPauses:
+    """The garbage collector's pauses (timed by the CollectorPolicy) and freezes"""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def collect(self):
+        from .gcpolicy import PAUSE_BUCKETS
+
+        policy = self.policy
+        pauses = HistogramMetricFamily(
+            f"{PREFIX}_gc_pause_seconds",
+            "Garbage collections by generation, and how long each stopped the process",
+            labels=["generation"],
+        )
+        for generation in range(3):
+            counts = policy.pause_counts[generation]
+            cumulative, buckets = 0, []
+            for bound, count in zip((*PAUSE_BUCKETS, float("inf")), counts):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            pauses.add_metric([str(generation)], buckets, policy.pause_sums[generation])
+        yield pauses
+        longest = GaugeMetricFamily(f"{PREFIX}_gc_pause_longest_seconds",
+                                    "The longest garbage collection pause since the process started")  # fmt: skip
+        longest.add_metric([], policy.longest_pause)
+        yield longest
+        frozen = GaugeMetricFamily(f"{PREFIX}_gc_frozen_objects",
+                                   "Objects frozen out of the garbage collector's full collections")  # fmt: skip
+        frozen.add_metric([], gc.get_freeze_count())
+        yield frozen
+
+
 class _SlurmCollector:
     """Slurm's shared queue, when Slurm servers run in this process"""
 
@@ -321,6 +355,8 @@ class OutpostMetrics(LoggingConfigurable):
         info.labels(__version__, f"{spawner.__module__}.{spawner.__name__}").set(1)
         registry.register(_ServersCollector(self))
         registry.register(_WritesCollector(app))
+        if getattr(app, "collector", None) is not None:
+            registry.register(_CollectorPauses(app.collector))
         if _uses_slurm(app.spawner_class):
             registry.register(_SlurmCollector())
         # every series present from the start, at 0: rate() and increase()

@@ -206,6 +206,7 @@ class OutpostPolicy:
         self.denied_accounts = frozenset(self.denied_accounts or ())
         self.min_account_uid = self.min_account_uid or 0
         self._uids = {}  # account -> (uid or None, when the lookup is due again)
+        self._class_traits = None
 
     @classmethod
     def from_app(cls, app):
@@ -227,6 +228,13 @@ class OutpostPolicy:
         Returns a :class:`StartPlan`; raises :class:`OverrideRefusedError`
         (refused ``env`` keys or overrides) or :class:`AccountRefusedError`.
         """
+        overrides = self.check_request(hub, request)
+        return await self.plan_start(hub, request, overrides)
+
+    def check_request(self, hub, request):
+        """The checks of :meth:`check_start` that ask no hook and no account
+        database: refused ``env`` keys and overrides. Returns the overrides
+        to apply."""
         env = request.get("env") or {}
         refused = refused_env_keys(env, self.allowed_env_keys)
         if refused:
@@ -234,9 +242,9 @@ class OutpostPolicy:
                 "The Outpost does not accept these environment variables: " + ", ".join(refused)
             )
         misc = request.get("misc") or {}
-        overrides, ignored, refused = select_overrides(
-            self.spawner_class.class_traits(), misc, self.allowed_overrides
-        )
+        if self._class_traits is None:  # a class's traits stay; reading them is slow
+            self._class_traits = self.spawner_class.class_traits()
+        overrides, ignored, refused = select_overrides(self._class_traits, misc, self.allowed_overrides)
         if refused:
             raise OverrideRefusedError(
                 "The Outpost refused the requested configuration overrides: " + ", ".join(refused)
@@ -244,8 +252,12 @@ class OutpostPolicy:
         if ignored:
             self.log.debug("%s/%s/%s - ignoring overrides: %s", hub, request.get("name"),
                            request.get("start_id"), ", ".join(ignored))  # fmt: skip
-        await self._ask_override_hook(hub, misc)
-        account = await self.account_for(hub, env.get("JUPYTERHUB_USER", ""))
+        return overrides
+
+    async def plan_start(self, hub, request, overrides):
+        """The rest of :meth:`check_start`: the override hook and the account"""
+        await self._ask_override_hook(hub, request.get("misc") or {})
+        account = await self.account_for(hub, (request.get("env") or {}).get("JUPYTERHUB_USER", ""))
         return StartPlan(overrides=overrides, account=account)
 
     async def _ask_override_hook(self, hub, misc):

@@ -13,8 +13,10 @@ it).
 import asyncio
 import copy
 import html
+import inspect
 import os
 import shutil
+import weakref
 from functools import partial
 
 from jupyterhub.utils import iterate_until, maybe_future
@@ -38,6 +40,7 @@ from .history import StartHistory
 from .log import secrets
 from .metrics import observed
 from .orm import ServerRecord
+from .pacing import Pacer
 from .objects import OutpostDB, OutpostHub, OutpostORMSpawner, OutpostUser
 from .spawnercalls import SpawnerCalls, hook_configured, runs_on_loop
 from .spawners import kube, localprocess
@@ -166,12 +169,15 @@ class ServerManager(LoggingConfigurable):
         # turns for the Outpost's own work of starts and stops; never held
         # while waiting for anything but the database
         self._turns = asyncio.Semaphore(max(1, app.concurrent_bookkeeping))
+        # the slices of work of a burst of starts, a few per turn of the loop
+        self.pacer = Pacer(app.concurrent_bookkeeping)
         # this process, as named in the records of the starts and stops it runs
         self.owner = app.process_owner
         self.claims = StopClaims(
             self.db, self.owner, app.pending_timeout, app.stop_timeout + OTHER_STOP_WAIT
         )
         self.calls = SpawnerCalls(app.spawner_threads)
+        self.collector = None  # the CollectorPolicy: told when servers come and go
         self._usage_updates = {}  # (hub, update url) -> None, or the next update's (env, log name)
         self.history = StartHistory(self.db, app.history_retention_days, app.history_per_user)
         self.early_exits = EarlyExitWatch(self, app.early_exit_window, localprocess.output_tail)
@@ -199,8 +205,11 @@ class ServerManager(LoggingConfigurable):
         orm_spawner = OutpostORMSpawner(
             record.name, request.get("user_options", {}), env.get("JUPYTERHUB_SERVICE_PREFIX")
         )
+        # the Spawner holds its db, which reaches its ManagedServer only
+        # weakly: no reference cycle, so a stopped server's objects are freed
+        # at once, without waiting for a full garbage collection
         holder = {}
-        db = OutpostDB(on_commit=lambda: self._commit_state(holder["managed"]))
+        db = OutpostDB(on_commit=lambda: self._commit_state(holder["managed"]()))
         spawner = self._spawner_class(record.spawner_class)(
             parent=self.app,
             user=user,
@@ -215,7 +224,7 @@ class ServerManager(LoggingConfigurable):
         kube.prepare(spawner, record.hub)
         _merge_env(spawner, env)
         managed = ManagedServer(self, record, request, spawner, db)
-        holder["managed"] = managed
+        holder["managed"] = weakref.ref(managed)
         _register_secrets(env)
         return managed
 
@@ -230,7 +239,7 @@ class ServerManager(LoggingConfigurable):
         return hub
 
     def _apply_overrides(self, spawner, misc, record):
-        """Set the overrides the policy accepted (``check_overrides``)"""
+        """Set the overrides the policy accepted (``OutpostPolicy.check_request``)"""
         for key, value in misc.items():
             if not spawner.has_trait(key):
                 self.log.debug("%s/%s/%s - ignoring override of unknown trait %r", *record.key, key)
@@ -241,6 +250,8 @@ class ServerManager(LoggingConfigurable):
                 raise OverrideRefusedError(f"Invalid value for {key}: {e}") from None
 
     async def _commit_state(self, managed):
+        if managed is None:  # forgotten meanwhile
+            return
         if managed.keeper is not None:
             managed.keeper.wake()  # a start runs: its keeper saves what changed
             return
@@ -257,10 +268,6 @@ class ServerManager(LoggingConfigurable):
             self.app.metrics.start_refused(hub, error)
         self._report_usage(hub, env)
 
-    async def check_overrides(self, hub, request):
-        """What the policy lets this start do (:class:`~jupyterhub_outpost.policy.StartPlan`)"""
-        return await self.policy.check_start(hub, request)
-
     async def start(self, hub, request, certs=None, trust_bundles=None, auth_state=None, run_async=False):
         """Start a server; return ``{"service": address}``.
 
@@ -271,8 +278,11 @@ class ServerManager(LoggingConfigurable):
         """
         env = request["env"]
         try:
+            # a burst of starts is checked a few at a time (polls stay prompt);
             # the operator's hooks run outside the turns: they may take a while
-            plan = await self.check_overrides(hub, request)
+            await self.pacer.wait()
+            overrides = self.policy.check_request(hub, request)
+            plan = await self.policy.plan_start(hub, request, overrides)
             flavor_name, flavor, check_limits, end_date = await self.policy.flavor_for_start(
                 hub, request
             )
@@ -299,8 +309,8 @@ class ServerManager(LoggingConfigurable):
         # the Spawner first, so that its state before the start is stored
         # with the record: one transaction, and nothing for the keeper to save
         try:
-            async with self._turns:
-                managed = self.build_spawner(record, stored, auth_state)
+            await self.pacer.wait()
+            managed = self.build_spawner(record, stored, auth_state)
             if flavor is not None:
                 await maybe_future(self.app.apply_flavor_hook(managed.spawner, flavor_name, flavor))
             state = copy.deepcopy(state_to_save(managed.spawner))
@@ -309,10 +319,9 @@ class ServerManager(LoggingConfigurable):
             self._report_usage(hub, env)
             raise StartFailedError(e) from e
         try:
-            async with self._turns:
-                await self.db.add_server(
-                    record, stored, state, check_limits=check_limits, then=self.history.begin_row
-                )
+            await self.db.add_server(
+                record, stored, state, check_limits=check_limits, then=self.history.begin_row
+            )
         except BaseException as e:
             _forget_secrets(env)
             if isinstance(e, FlavorError):
@@ -377,12 +386,12 @@ class ServerManager(LoggingConfigurable):
             # the state is saved once more below, with the address, the end
             # of the start and its history: one transaction
             await self._end_keeper(managed, last_save=False)
+            await managed.outpost_db.flush_pending()
+            await self.pacer.wait()  # the ends of a burst of starts are paced too
             ready = self.history.end_start_step(
                 self.db.hub_ids[managed.record.hub], *managed.record.key[1:], "ready", managed.events
             )
-            async with self._turns:
-                await managed.outpost_db.flush_pending()
-                done = await managed.save_state(service=service, start_done=True, then=ready)
+            done = await managed.save_state(service=service, start_done=True, then=ready)
             if not done:
                 raise _StopRequested()
             if self.app.early_exit_window > 0 and managed.output_path:
@@ -392,6 +401,8 @@ class ServerManager(LoggingConfigurable):
                 managed.events = []
             managed.saved_state = None
             managed.release_memory()
+            if self.collector is not None:
+                self.collector.changed()
             self.log.info("%s - started at %s", managed.log_name, service or "(address follows)")
             self._after_change(managed)
             return service
@@ -521,6 +532,8 @@ class ServerManager(LoggingConfigurable):
         if self.active.get(managed.record.key) is managed:
             del self.active[managed.record.key]
         _forget_secrets(managed.env)
+        if self.collector is not None:
+            self.collector.released(managed.spawner)
         for callback in self.forget_callbacks:
             callback(managed.record)
         self._after_change(managed)
@@ -598,6 +611,8 @@ class ServerManager(LoggingConfigurable):
             managed.spawner.internal_ssl = True
         managed.release_memory()
         self.active[full.key] = managed
+        if self.collector is not None:
+            self.collector.changed()
         self.log.debug("%s - spawner restored from the database", managed.log_name)
         return managed
 
@@ -824,9 +839,14 @@ def _merge_env(spawner, hub_env):
     the spawner's values.
     """
     own_get_env = spawner.get_env
+    if inspect.ismethod(own_get_env):
+        # the spawner holds this function: a weak reference back, no cycle
+        own_get_env = weakref.WeakMethod(own_get_env)
+    else:  # pragma: no cover (replaced on the instance before)
+        own_get_env = partial(lambda f: f, own_get_env)
 
     def get_env():
-        own = own_get_env()
+        own = own_get_env()()
         env = dict(own)
         env.update(hub_env)
         for key in OUTPOST_SIDE_ENV:

@@ -1,10 +1,10 @@
 """Fixtures: a real Outpost on a random loopback port, a fake hub API."""
 
 import ctypes
-import gc
 import os
 import subprocess
 import threading
+import weakref
 
 import pytest
 from cryptography.fernet import Fernet
@@ -45,6 +45,20 @@ def _zombie_children(me):
     return pids
 
 
+# every Popen object of this process, as long as it exists (gc.get_objects()
+# does not list what an in-process Outpost has frozen out of the collector's sight)
+_POPENS = weakref.WeakSet()
+_popen_init = subprocess.Popen.__init__
+
+
+def _registered_popen_init(self, *args, **kwargs):
+    _popen_init(self, *args, **kwargs)
+    _POPENS.add(self)
+
+
+subprocess.Popen.__init__ = _registered_popen_init
+
+
 def _popen_pids():
     """Pids of this process's Popen objects not waited for yet (an in-process
     Outpost's spawners, a test's own processes): their owners reap them, and
@@ -57,9 +71,7 @@ def _popen_pids():
     subprocess would reap an unrelated new child, whose owner then reads a
     made-up exit status.
     """
-    live = {
-        o.pid for o in gc.get_objects() if isinstance(o, subprocess.Popen) and o.returncode is None
-    }
+    live = {p.pid for p in list(_POPENS) if p.returncode is None}
     dropped = {p.pid for p in list(getattr(subprocess, "_active", None) or ())}
     return live | dropped
 
