@@ -496,10 +496,11 @@ class JupyterHubOutpost(Application):
 
     concurrent_bookkeeping = Integer(
         8,
-        help="""How many starts and stops at a time do the Outpost's own work
-        for them: writing and claiming records, building the Spawner, saving
-        its state. Others wait their turn; the Spawners' own ``start()`` and
-        ``stop()`` calls and the configured hooks are not limited.
+        help="""How many slices of the Outpost's own work for starts (checking
+        a request, building its Spawner, saving its end) run per turn of the
+        event loop, and how many stops at a time do their bookkeeping. Others
+        wait their turn; the Spawners' own ``start()`` and ``stop()`` calls,
+        the configured hooks and the database writes are not limited.
 
         This keeps polls answered promptly while a burst of starts arrives
         (a course begins): without a limit, each turn of the event loop would
