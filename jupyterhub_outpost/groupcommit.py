@@ -20,9 +20,11 @@ the calls were made:
   arguments, safe to run again after a rollback.
 - A call whose caller was cancelled before its batch began is not run.
 
-Each writer thread keeps its connection between batches (no pool checkout,
-no liveness ping per transaction); after an error the connection is dropped
-and the calls run again on new ones.
+Each writer thread keeps its connection between batches (no pool checkout
+per transaction). A connection to a database server that sat idle for more
+than ``IDLE_PING`` seconds is pinged before its next batch (a restarted
+server closed it meanwhile); after an error it is dropped and the calls run
+again on new ones.
 """
 
 import collections
@@ -33,6 +35,9 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingErr
 
 #: most calls in one transaction: bounds how long a batch holds its locks
 MAX_BATCH = 64
+#: seconds a writer's connection to a database server may sit idle before
+#: it is pinged (no ping while batches follow each other)
+IDLE_PING = 1.0
 
 # errors of a statement, not of the connection: it stays
 _KEPT_ON = (IntegrityError, DataError, ProgrammingError)
@@ -117,11 +122,28 @@ class GroupCommit:
 
     def _connection(self):
         connection = getattr(self._local, "connection", None)
-        if connection is None or connection.closed or connection.invalidated:
+        now = time.monotonic()
+        if connection is not None and not (connection.closed or connection.invalidated):
+            idle = now - self._local.used
+            if idle > IDLE_PING and self.engine.dialect.name != "sqlite" and not self._alive(connection):
+                connection = None
+        else:
+            connection = None
+        if connection is None:
+            self.close_connection()
             connection = self._local.connection = self.engine.connect()
             with self._lock:
                 self._connections.add(connection)
+        self._local.used = now
         return connection
+
+    def _alive(self, connection):
+        try:
+            connection.exec_driver_sql("SELECT 1")
+            connection.rollback()
+            return True
+        except DBAPIError:
+            return False
 
     def _after_error(self, e):
         """Drop this thread's connection when ``e`` may have broken it"""

@@ -6,8 +6,9 @@ nesting, wrong types in every field of a start, wrong types for every trait
 of the Spawner in ``misc``, unicode, NUL and path traversal in every
 name-like field, huge headers and paths, lying Content-Length, chunked
 bodies, unknown methods, bad credentials). They are sent with bounded
-concurrency from a thread of their own while the test's event loop serves
-the Outpost and pings it at a fixed rate.
+concurrency from a process of their own (as from another hub: the sender's
+own work does not compete with the Outpost for the interpreter) while the
+test's event loop serves the Outpost and pings it at a fixed rate.
 
 For every request: no 5xx; where an answer arrives, a JSON error body
 (``{"status", "message"}``, or the protocol's 419 shape); no start
@@ -22,6 +23,7 @@ reproducible (``OUTPOST_HOSTILE_SEED`` picks another seed).
 import asyncio
 import glob
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -29,6 +31,7 @@ import shutil
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
@@ -61,7 +64,9 @@ ANSWER_LIMIT = 3.0  # seconds: no hostile request does enough work to take longe
 CLIENT_TIMEOUT = 15.0  # seconds the client waits for an answer
 LYING_WAIT = 1.5  # seconds to wait for an answer to a body that never completes
 PING_INTERVAL = 0.02  # seconds between pings
-PING_P99_LIMIT = 0.050  # seconds
+IDLE_SECONDS = 3.0  # pings before the barrage: the floor of this machine
+PING_P99_LIMIT = 0.050  # seconds, or IDLE_FACTOR times the p99 before the barrage if more
+IDLE_FACTOR = 5  # on a slow or shared machine the idle floor itself is tens of ms
 MIN_REQUESTS = 1000
 SLOWEST_SHOWN = int(os.environ.get("OUTPOST_HOSTILE_SLOWEST", "5"))  # in the summary
 
@@ -738,6 +743,20 @@ async def _send_raw(outpost, probe):
         writer.close()
 
 
+@dataclass
+class Target:
+    """Where the sender process finds the Outpost"""
+
+    bound_port: int
+    base_url: str
+
+
+def _attack(target, probes):
+    """In the sender process: send every probe; return them with their answers"""
+    asyncio.run(_send_all(target, probes))
+    return probes
+
+
 async def _send_all(outpost, probes):
     client = AsyncHTTPClient(force_instance=True, max_clients=CONCURRENCY)
     slots = asyncio.Semaphore(CONCURRENCY)
@@ -819,13 +838,25 @@ async def barrage(tmp_path_factory, fake_hub):
     latencies = []
     try:
         started = time.monotonic()
-        attack = asyncio.ensure_future(asyncio.to_thread(asyncio.run, _send_all(outpost, probes)))
+        # the same pings without the barrage first: this machine's own floor
+        idle = []
+        quiet = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(IDLE_SECONDS, quiet.set_result, None)
+        await _ping_at_fixed_rate(outpost, quiet, idle)
+        target = Target(outpost.bound_port, outpost.base_url)
+        sender = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        # the sender's interpreter starts before the clock does
+        await asyncio.get_running_loop().run_in_executor(sender, int, 0)
+        attack = asyncio.ensure_future(
+            asyncio.get_running_loop().run_in_executor(sender, _attack, target, probes)
+        )
         await _ping_at_fixed_rate(outpost, attack, latencies)
-        await attack
+        probes = await attack
+        sender.shutdown()
         duration = time.monotonic() - started
         after = await _state_after(outpost, probes, workdir)
         _print_summary(probes, latencies, duration, after)
-        yield {"probes": probes, "latencies": latencies, "after": after}
+        yield {"probes": probes, "latencies": latencies, "idle": idle, "after": after}
     finally:
         await stop_outpost(outpost)
         kill_servers_of(tokens)
@@ -958,10 +989,13 @@ def test_answers_come_quickly(barrage):
 def test_ping_stays_fast(barrage):
     latencies = barrage["latencies"]
     p99 = percentile(latencies, 0.99)
-    slow = sum(1 for t in latencies if t > PING_P99_LIMIT)
-    assert p99 < PING_P99_LIMIT, (
+    idle_p99 = percentile(barrage["idle"], 0.99)
+    limit = max(PING_P99_LIMIT, IDLE_FACTOR * idle_p99)
+    slow = sum(1 for t in latencies if t > limit)
+    assert p99 < limit, (
         f"/ping p99 {p99 * 1000:.0f}ms over {len(latencies)} pings ({slow} over"
-        f" {PING_P99_LIMIT * 1000:.0f}ms, max {max(latencies) * 1000:.0f}ms)"
+        f" {limit * 1000:.0f}ms, max {max(latencies) * 1000:.0f}ms; before the barrage"
+        f" p99 {idle_p99 * 1000:.0f}ms)"
     )
 
 
