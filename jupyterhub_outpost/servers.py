@@ -166,8 +166,8 @@ class ServerManager(LoggingConfigurable):
         self._stopping = {}  # key -> Task
         self._background = set()
         self._hubs = {}  # hub env values -> OutpostHub
-        # turns for the Outpost's own work of starts and stops; never held
-        # while waiting for anything but the database
+        # turns for the bookkeeping of stops (claiming, restoring the
+        # Spawner); never held while waiting for anything but the database
         self._turns = asyncio.Semaphore(max(1, app.concurrent_bookkeeping))
         # the slices of work of a burst of starts, a few per turn of the loop
         self.pacer = Pacer(app.concurrent_bookkeeping)
@@ -195,8 +195,10 @@ class ServerManager(LoggingConfigurable):
             )
         return cls
 
-    def build_spawner(self, record, request, auth_state=None):
-        """A Spawner configured from the config file and the start request"""
+    def build_spawner(self, record, request, auth_state=None, register_secrets=True):
+        """A Spawner configured from the config file and the start request
+        (its secrets registered with the log filter, unless the caller
+        registers them itself)"""
         env = request["env"]
         hub = self._hub_object(env)
         # the local account; JUPYTERHUB_USER in the env stays the hub's name
@@ -225,7 +227,8 @@ class ServerManager(LoggingConfigurable):
         _merge_env(spawner, env)
         managed = ManagedServer(self, record, request, spawner, db)
         holder["managed"] = weakref.ref(managed)
-        _register_secrets(env)
+        if register_secrets:
+            _register_secrets(env)
         return managed
 
     def _hub_object(self, env):
@@ -310,23 +313,23 @@ class ServerManager(LoggingConfigurable):
         # with the record: one transaction, and nothing for the keeper to save
         try:
             await self.pacer.wait()
-            managed = self.build_spawner(record, stored, auth_state)
+            managed = self.build_spawner(record, stored, auth_state, register_secrets=False)
             if flavor is not None:
                 await maybe_future(self.app.apply_flavor_hook(managed.spawner, flavor_name, flavor))
             state = copy.deepcopy(state_to_save(managed.spawner))
         except Exception as e:
-            _forget_secrets(env)
             self._report_usage(hub, env)
             raise StartFailedError(e) from e
         try:
             await self.db.add_server(
                 record, stored, state, check_limits=check_limits, then=self.history.begin_row
             )
-        except BaseException as e:
-            _forget_secrets(env)
-            if isinstance(e, FlavorError):
-                self._refused(hub, env, e)
+        except FlavorError as e:
+            self._refused(hub, env, e)
             raise
+        # registered only now: a start refused here (its key exists, say) must
+        # not unregister the tokens of the server that holds the key
+        _register_secrets(env)
         self.active[record.key] = managed
         managed.saved_state = state
         task = managed.start_task = asyncio.create_task(

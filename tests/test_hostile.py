@@ -66,7 +66,7 @@ LYING_WAIT = 1.5  # seconds to wait for an answer to a body that never completes
 PING_INTERVAL = 0.02  # seconds between pings
 IDLE_SECONDS = 3.0  # pings before the barrage: the floor of this machine
 PING_P99_LIMIT = 0.050  # seconds, or IDLE_FACTOR times the p99 before the barrage if more
-IDLE_FACTOR = 5  # on a slow or shared machine the idle floor itself is tens of ms
+IDLE_FACTOR = 10  # on a slow or shared machine the idle floor itself is 10-20 ms; a freeze is seconds
 MIN_REQUESTS = 1000
 SLOWEST_SHOWN = int(os.environ.get("OUTPOST_HOSTILE_SLOWEST", "5"))  # in the summary
 
