@@ -270,7 +270,7 @@ class Outpost:
 # requests
 
 
-def start_body(hub, name, delay, hub_port):
+def start_body(hub, name, delay, hub_port, user="bench", user_id="1"):
     """A start request shaped like the OutpostSpawner's"""
     start_id = uuid.uuid4().hex
     api = f"http://127.0.0.1:{hub_port}/hub/api"
@@ -279,14 +279,14 @@ def start_body(hub, name, delay, hub_port):
         "JUPYTERHUB_API_TOKEN": token,
         "JPY_API_TOKEN": token,
         "JUPYTERHUB_API_URL": api,
-        "JUPYTERHUB_USER": "bench",
-        "JUPYTERHUB_USER_ID": "1",
+        "JUPYTERHUB_USER": user,
+        "JUPYTERHUB_USER_ID": user_id,
         "JUPYTERHUB_SERVER_NAME": name,
-        "JUPYTERHUB_SERVICE_PREFIX": f"/user/bench/{name}/",
-        "JUPYTERHUB_ACTIVITY_URL": f"{api}/users/bench/activity",
-        "JUPYTERHUB_EVENTS_URL": f"{api}/users/progress/events/bench/{name}",
-        "JUPYTERHUB_SETUPTUNNEL_URL": f"{api}/users/setuptunnel/bench/{name}",
-        "JUPYTERHUB_SERVICE_URL": f"http://0.0.0.0:8888/user/bench/{name}/",
+        "JUPYTERHUB_SERVICE_PREFIX": f"/user/{user}/{name}/",
+        "JUPYTERHUB_ACTIVITY_URL": f"{api}/users/{user}/activity",
+        "JUPYTERHUB_EVENTS_URL": f"{api}/users/progress/events/{user}/{name}",
+        "JUPYTERHUB_SETUPTUNNEL_URL": f"{api}/users/setuptunnel/{user}/{name}",
+        "JUPYTERHUB_SERVICE_URL": f"http://0.0.0.0:8888/user/{user}/{name}/",
     }
     if hub == "bench-events":
         env["JUPYTERHUB_FLAVORS_UPDATE_URL"] = f"{api}/outpostflavors/bench"
@@ -320,10 +320,12 @@ class Driver:
         key = f"{what} {status}"
         self.errors[key] = self.errors.get(key, 0) + 1
 
-    async def start(self, hub, delay):
-        """One start; returns (latency s, name, start_id) or None on failure"""
+    async def start(self, hub, delay, user="bench"):
+        """One start (of hub user ``user``); returns (latency s, name, start_id)
+        or None on failure"""
         name = self.new_name()
-        body, start_id = start_body(hub, name, delay, self.hub_port)
+        user_id = "1" if user == "bench" else str(uuid.uuid5(uuid.NAMESPACE_DNS, user).int % 10**9)
+        body, start_id = start_body(hub, name, delay, self.hub_port, user, user_id)
         began = time.perf_counter()
         status, data = await self.pool.request("POST", "/services/", hub=hub, body=body)
         latency = time.perf_counter() - began
@@ -370,14 +372,15 @@ class Driver:
         await asyncio.gather(*(loop(w) for w in range(concurrency)))
         return latencies
 
-    async def start_many(self, n, delay, concurrency, hub="bench"):
-        """``n`` starts, ``concurrency`` at a time; returns ([(name, start_id)], latencies)"""
+    async def start_many(self, n, delay, concurrency, hub="bench", users=None):
+        """``n`` starts (one per user of ``users``, if given), ``concurrency``
+        at a time; returns ([(name, start_id)], latencies)"""
         servers, latencies = [], []
-        todo = iter(range(n))
+        todo = iter(users if users is not None else ["bench"] * n)
 
         async def worker():
-            for _ in todo:
-                result = await self.start(hub, delay)
+            for user in todo:
+                result = await self.start(hub, delay, user)
                 if result is not None:
                     latencies.append(result[0])
                     servers.append(result[1:])
@@ -395,6 +398,29 @@ class Driver:
                 latencies.append(await self.stop(hub, name, start_id))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return latencies
+
+    async def run_at_rate(self, seconds, rate, one_request):
+        """Open loop: call ``one_request(i)`` every ``1/rate`` s whatever is
+        still in flight, as hubs do; each latency counts from the moment its
+        request was due, so a stalled server cannot hide its stall. Returns
+        the latencies; ``self.timeline`` holds (s into the run when due, latency)."""
+        latencies, tasks = [], []
+        began = time.perf_counter()
+        self.timeline = []
+
+        async def one(i, due):
+            if await one_request(i):
+                latencies.append(time.perf_counter() - due)
+                self.timeline.append((due - began, latencies[-1]))
+
+        for i in range(int(seconds * rate)):
+            due = began + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i, due)))
+        await asyncio.gather(*tasks)
         return latencies
 
     async def listed(self, hub="bench"):

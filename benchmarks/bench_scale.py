@@ -221,27 +221,6 @@ class ScaleRun(Driver):
             self.notes.append(await profile)
         return latencies, meter
 
-    async def run_at_rate(self, seconds, rate, one_request):
-        """Open loop: call ``one_request(i)`` every ``1/rate`` s whatever is
-        still in flight, as hubs do; each latency counts from the moment its
-        request was due, so a stalled server cannot hide its stall"""
-        latencies = []
-        began = time.perf_counter()
-
-        async def one(i, due):
-            if await one_request(i):
-                latencies.append(time.perf_counter() - due)
-
-        tasks = []
-        for i in range(int(seconds * rate)):
-            due = began + i / rate
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i, due)))
-        await asyncio.gather(*tasks)
-        return latencies
-
     async def poll_during_slow_starts(self, servers, count, rate=None):
         """Send ``count`` slow starts at once and poll meanwhile (``rate`` polls/s,
         or ``--concurrency`` in flight); returns the slow servers"""

@@ -41,16 +41,14 @@ Parts (``--parts``):
 import argparse
 import asyncio
 import collections
-import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 
-from _common import Driver, HTTPPool, Meter, Outpost, f1, f2, ms, pct, print_table, proc_status, start_body
+from _common import Driver, HTTPPool, Meter, Outpost, f1, f2, ms, pct, print_table, proc_status
 from bench_scale import _PGDatabase, _SQLiteFile, pg_reachable
 
 CONFIG = """\
@@ -73,55 +71,10 @@ class StartDriver(Driver):
 
     async def start_users(self, users, concurrency, delay=0.0):
         """One start per user in ``users``; ([(name, start_id)], latencies)"""
-        servers, latencies = [], []
-        todo = iter(users)
-
-        async def worker():
-            for user in todo:
-                result = await self.start_as(user, delay)
-                if result is not None:
-                    latencies.append(result[0])
-                    servers.append(result[1:])
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return servers, latencies
-
-    async def start_as(self, user, delay):
-        name = self.new_name()
-        body, start_id = start_body("bench", name, delay, self.hub_port)
-        body["env"]["JUPYTERHUB_USER"] = user
-        body["env"]["JUPYTERHUB_USER_ID"] = str(uuid.uuid5(uuid.NAMESPACE_DNS, user).int % 10**9)
-        began = time.perf_counter()
-        status, data = await self.pool.request("POST", "/services/", hub="bench", body=body)
-        latency = time.perf_counter() - began
-        if status != 200:
-            self.error(f"start {data[:80]!r}", status)
-            return None
-        json.loads(data)
-        return latency, name, start_id
+        return await self.start_many(len(users), delay, concurrency, users=users)
 
     async def poll_round_robin(self, servers, seconds, concurrency):
         return await self.run_for(seconds, concurrency, lambda i: self.poll(*servers[i % len(servers)]))
-
-    async def run_at_rate(self, seconds, rate, one_request):
-        """Open loop; latencies count from when each request was due"""
-        latencies, tasks = [], []
-        began = time.perf_counter()
-        self.timeline = []
-
-        async def one(i, due):
-            if await one_request(i):
-                latencies.append(time.perf_counter() - due)
-                self.timeline.append((due - began, latencies[-1]))
-
-        for i in range(int(seconds * rate)):
-            due = began + i / rate
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i, due)))
-        await asyncio.gather(*tasks)
-        return latencies
 
     async def metrics(self):
         """The Outpost's /metrics as {sample name with labels: value}"""
@@ -394,7 +347,7 @@ async def burst(port, count, delay):
     driver = StartDriver(None, pool, HUB_PORT)
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-    results = await asyncio.gather(*(driver.start_as(f"slow{i}", delay) for i in range(count)))
+    results = await asyncio.gather(*(driver.start("bench", delay, f"slow{i}") for i in range(count)))
     pool.close()
     for result in results:
         if result:
