@@ -333,7 +333,7 @@ class ServerManager(LoggingConfigurable):
         self.active[record.key] = managed
         managed.saved_state = state
         task = managed.start_task = asyncio.create_task(
-            self._run_start(managed, certs or {}, trust_bundles or {}, run_async, state)
+            self._run_start(managed, certs or {}, trust_bundles or {}, run_async)
         )
         # a finished task is not kept: 10,000 running servers, 10,000 tasks less
         task.add_done_callback(managed.forget_start_task)
@@ -346,12 +346,12 @@ class ServerManager(LoggingConfigurable):
         return {"service": task.result()}
 
     @observed("start", lambda managed, *_: managed.record.hub)
-    async def _run_start(self, managed, certs, trust_bundles, run_async, saved_state):
+    async def _run_start(self, managed, certs, trust_bundles, run_async):
         spawner = managed.spawner
         spawner._spawn_pending = True
         forwarder = start_future = None
         managed.keeper = self.keepers.add(
-            managed, on_stop_requested=managed.start_task.cancel, saved=saved_state
+            managed, on_stop_requested=managed.start_task.cancel, saved=managed.saved_state
         )
         try:
             if self.policy.events_enabled(managed.record.hub):
