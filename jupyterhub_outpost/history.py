@@ -69,10 +69,17 @@ class StartHistory:
     def __init__(self, db, retention_days=7, per_user=20):
         self.db = db
         # a start id used again (a hub's choice) starts its row anew
-        self._insert_start = db.insert_or_replace(
-            StartRecord, ("hub_id", "name", "start_id"),
-            reset={"ended": None, "stopped": None, "outcome": "starting", "data": None},
+        self._insert_start = db.prepare(
+            db.insert_or_replace(
+                StartRecord, ("hub_id", "name", "start_id"),
+                reset={"ended": None, "stopped": None, "outcome": "starting", "data": None},
+            ),
+            columns=_START_COLUMNS + ("outcome",),
         )  # fmt: skip
+        self._end_start_statements = {
+            True: db.prepare(_END_START), False: db.prepare(_END_START_AND_SERVER)
+        }
+        self._server_ended = db.prepare(_SERVER_ENDED)
         self.retention_days = retention_days
         self.per_user = per_user
 
@@ -84,7 +91,9 @@ class StartHistory:
     def begin_row(self, connection, server_id, row):
         """A row for the start just recorded as server ``server_id``
         (``row``: the values of its record), in the transaction of the insert"""
-        connection.execute(self._insert_start, {key: row[key] for key in _START_COLUMNS})
+        values = {key: row[key] for key in _START_COLUMNS}
+        values["outcome"] = "starting"
+        self._insert_start.execute(connection, values)
 
     def end_start_step(self, hub_id, name, start_id, outcome, events, reason=None):
         """The step that records how a start ended (``ready``, ``failed`` or
@@ -98,7 +107,7 @@ class StartHistory:
             data["reason"] = secrets.scrub(str(reason))[:MAX_MESSAGE]
         values = {"h_hub_id": hub_id, "h_name": name, "h_start_id": start_id, "outcome": outcome,
                   "ended": ended, "data": self.db._seal(data)}  # fmt: skip
-        connection.execute(_END_START if outcome == "ready" else _END_START_AND_SERVER, values)
+        self._end_start_statements[outcome == "ready"].execute(connection, values)
 
     async def end_start(self, key, outcome, events, reason=None):
         """Record on its own how the start of ``key`` (hub, name, start_id)
@@ -113,7 +122,7 @@ class StartHistory:
         ``expired``), for :meth:`~jupyterhub_outpost.orm.Database.delete_server`"""
         values = {"h_hub_id": hub_id, "h_name": name, "h_start_id": start_id,
                   "outcome": outcome, "stopped": utcnow()}  # fmt: skip
-        return lambda connection: connection.execute(_SERVER_ENDED, values)
+        return partial(self._server_ended.execute, values=values)
 
     # reading (the API and the CLI)
 

@@ -41,7 +41,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.exc import InterfaceError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -258,17 +258,64 @@ _SERVER_BY_KEY_WITH_SECRETS = _SERVER_BY_KEY.add_columns(Server.state, Server.re
 
 
 class _Statement:
-    """A Core statement compiled once to the DBAPI's own SQL and parameter style"""
+    """A Core statement compiled once to the DBAPI's own SQL and parameter
+    style, run on the DBAPI connection beneath a SQLAlchemy one.
 
-    def __init__(self, statement, dialect):
-        compiled = statement.compile(dialect=dialect)
+    The reads of polls and the writes of every start and stop run this way:
+    SQLAlchemy's work per execution (building an execution context,
+    processing parameters, wrapping the result) was a third of a start's
+    time on the writer thread. What it did that matters is done here, once
+    or cheaply: the types' bind processors (dates and booleans on SQLite),
+    the statement's literal values, and DBAPI errors raised as SQLAlchemy's.
+
+    ``columns``: for an INSERT without values, the columns a call gives
+    (each call gives all of them).
+    """
+
+    def __init__(self, statement, dialect, columns=None):
+        compiled = statement.compile(dialect=dialect, column_keys=columns)
+        if compiled.insert_prefetch or compiled.update_prefetch:
+            missing = [c.key for c in compiled.insert_prefetch + compiled.update_prefetch]
+            raise ValueError(f"give the columns with Python defaults too: {missing}")
         self.sql = str(compiled)
-        self.names = compiled.positiontup if compiled.positional else None
+        self.dialect = dialect
+        self._error = dialect.loaded_dbapi.Error
+        binds = {name: bind for bind, name in compiled.bind_names.items()}
+        self._names = list(compiled.positiontup) if compiled.positional else list(binds)
+        self._positional = compiled.positional
+        # (key a call gives, literal value, bind processor) per parameter
+        self._binds = []
+        for name in self._names:
+            bind = binds[name]
+            processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            key = bind.key if bind.required else None
+            self._binds.append((key, None if bind.required else bind.effective_value, processor))
+        dml = compiled.isinsert or compiled.isupdate or compiled.isdelete
+        self._returns_rows = bool(compiled.effective_returning) if dml else True
 
     def params(self, values):
-        if self.names is None:
-            return values
-        return tuple(values[name] for name in self.names)
+        """The DBAPI parameters of a call with ``values`` ({key: value})"""
+        processed = []
+        for key, literal, processor in self._binds:
+            value = literal if key is None else values[key]
+            processed.append(value if processor is None else processor(value))
+        if self._positional:
+            return tuple(processed)
+        return dict(zip(self._names, processed))
+
+    def execute(self, connection, values):
+        """Run in the transaction of ``connection`` (a SQLAlchemy
+        Connection): (rows changed, the first row returned or None)"""
+        params = self.params(values)
+        cursor = connection.connection.dbapi_connection.cursor()
+        try:
+            cursor.execute(self.sql, params)
+            row = cursor.fetchone() if self._returns_rows else None
+            return cursor.rowcount, row
+        except self._error as e:
+            raise DBAPIError.instance(self.sql, params, e, self._error, dialect=self.dialect) from e
+        finally:
+            cursor.close()
 
 
 # What a poll needs: one read of the unique key, three narrow columns
@@ -288,6 +335,12 @@ def _insert_new(table, dialect_insert, key):
     return dialect_insert(table).on_conflict_do_nothing(index_elements=key).returning(table.id)
 
 
+# the columns of a new server's row: all but its id
+_SERVER_ROW = (
+    "hub_id", "user_id", "name", "start_id", "spawner_class", "flavor", "state", "request",
+    "service", "start_pending", "stop_pending", "started", "last_update", "end_date",
+    "end_warned", "owner",
+)  # fmt: skip
 _USER_BY_HUB_ID = select(User.id, User.name).where(
     User.hub_id == bindparam("hub_id"), User.hub_user_id == bindparam("hub_user_id")
 )
@@ -401,15 +454,23 @@ class Database:
         self._local = threading.local()
         self._readers = set()
         self._readers_lock = threading.Lock()
-        self._status = _Statement(_SERVER_STATUS, self.engine.dialect)
         self.writes = GroupCommit(
             self.engine, self.executor, workers, self._translate, self._observe_write
         )
         self._dialect_insert = dialect_insert = sqlite_insert if self.is_sqlite else postgresql_insert
-        self._user_upsert = _insert_new(User, dialect_insert, [User.hub_id, User.hub_user_id])
-        self._insert_server = _insert_new(
-            Server, dialect_insert, [Server.hub_id, Server.name, Server.start_id]
+        self._status = self.prepare(_SERVER_STATUS)
+        self._user_upsert = self.prepare(
+            _insert_new(User, dialect_insert, [User.hub_id, User.hub_user_id]),
+            columns=("hub_id", "hub_user_id", "name"),
         )
+        self._insert_server = self.prepare(
+            _insert_new(Server, dialect_insert, [Server.hub_id, Server.name, Server.start_id]),
+            columns=_SERVER_ROW,
+        )
+        self._save_state_statements = {key: self.prepare(s) for key, s in _SAVE_STATE.items()}
+        self._take_accounting_lock = self.prepare(_TAKE_ACCOUNTING_LOCK)
+        self._claim_stop_statement = self.prepare(_CLAIM_STOP)
+        self._delete_server_statement = self.prepare(_DELETE_SERVER)
         self._hub_ids = {}
         self._user_ids = {}  # (hub id, hub's user id) -> (user id, name)
         # the process whose starts add_server records (see servers.owner)
@@ -523,6 +584,13 @@ class Database:
     def _record(self, row, state=None, request=None):
         return ServerRecord(*row, state=state, request=request)
 
+    def prepare(self, statement, columns=None):
+        """``statement`` compiled once for this database, for the writes
+        every start or stop makes: ``prepared.execute(connection, values)``
+        returns (rows changed, first row returned). ``columns``: those an
+        INSERT without values is given."""
+        return _Statement(statement, self.engine.dialect, columns)
+
     def insert_or_replace(self, table, key, reset=None):
         """A prebuilt ``INSERT`` into ``table`` (an ORM class) that, when a row
         with the same ``key`` columns exists, overwrites it instead: with
@@ -587,7 +655,7 @@ class Database:
         """The id of a hub's user, created or renamed as needed: one statement
         for a new user, one read for a known one (no savepoint)"""
         values = {"hub_id": hub_id, "hub_user_id": hub_user_id, "name": user_name}
-        row = connection.execute(self._user_upsert, values).first()
+        _, row = self._user_upsert.execute(connection, values)
         if row is not None:
             return row[0]
         user_id, name = connection.execute(_USER_BY_HUB_ID, values).first()
@@ -599,7 +667,7 @@ class Database:
         if check_limits is not None:
             # the first write of this transaction: concurrent starts with
             # limits wait here, so the count below cannot be outdated
-            connection.execute(_TAKE_ACCOUNTING_LOCK)
+            self._take_accounting_lock.execute(connection, {})
         if user_id is None:
             user_id = self._user(connection, hub_id, record.hub_user_id, record.user_name)
         if check_limits is not None:
@@ -623,13 +691,14 @@ class Database:
             "end_warned": False,
             "owner": record.owner,
         }
-        server_id = connection.execute(self._insert_server, row).scalar()
-        if server_id is None:
+        _, inserted = self._insert_server.execute(connection, row)
+        if inserted is None:
             # the key exists: nothing was written but possibly a new user
             # (kept: it exists) and the lock
             raise ServerExistsError(
                 f"Server {record.name!r} with start_id {record.start_id!r} already exists"
             )
+        server_id = inserted[0]
         if then is not None:
             then(connection, server_id, row)
         return server_id, user_id, now
@@ -775,8 +844,8 @@ class Database:
             params["state"] = self._seal(state)
         if service is not None:
             params["service"] = service
-        statement = _SAVE_STATE[state is not None, service is not None, start_done]
-        saved = connection.execute(statement, params).rowcount == 1
+        statement = self._save_state_statements[state is not None, service is not None, start_done]
+        saved = statement.execute(connection, params)[0] == 1
         if saved and then is not None:
             then(connection)
         return saved
@@ -787,7 +856,7 @@ class Database:
 
     def _claim_stop(self, connection, server_id, owner):
         params = {"sid": server_id, "me": owner, "last_update": utcnow()}
-        return connection.execute(_CLAIM_STOP, params).rowcount == 1
+        return self._claim_stop_statement.execute(connection, params)[0] == 1
 
     async def request_stop(self, server_id):
         """Ask the process that starts a server to end that start.
@@ -852,7 +921,7 @@ class Database:
         return await self._run(self._delete_server, server_id, then)
 
     def _delete_server(self, connection, server_id, then=None):
-        deleted = connection.execute(_DELETE_SERVER, {"sid": server_id}).rowcount == 1
+        deleted = self._delete_server_statement.execute(connection, {"sid": server_id})[0] == 1
         if deleted and then is not None:
             then(connection)
         return deleted

@@ -1,0 +1,96 @@
+"""The writes of starts and stops run as statements compiled once, on the
+DBAPI connection: what they store reads back through SQLAlchemy as it was
+given, and their errors are SQLAlchemy's"""
+
+import logging
+from datetime import timedelta
+
+import pytest
+from cryptography.fernet import Fernet
+from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
+
+from jupyterhub_outpost import dbutil, orm
+from jupyterhub_outpost.crypto import CryptKeeper
+from jupyterhub_outpost.orm import Database, Server, ServerRecord, StartRecord
+from jupyterhub_outpost.utils import as_utc, utcnow
+
+from .utils import ON_POSTGRES, drop_databases, new_db_url
+
+KEY = Fernet.generate_key().decode()
+
+
+@pytest.fixture
+async def db(tmp_path):
+    url = new_db_url(tmp_path)
+    dbutil.prepare_database(url, logging.getLogger("test"))
+    database = Database(url, CryptKeeper([KEY]))
+    yield database
+    database.close()
+    if ON_POSTGRES:
+        drop_databases([url])
+
+
+def stored(db, statement):
+    with db.engine.connect() as connection:
+        return connection.execute(statement).one()
+
+
+async def test_a_recorded_start_reads_back_as_written(db):
+    end = utcnow().replace(microsecond=123456) + timedelta(hours=2)
+    record = ServerRecord.new("hub-a", "lab", "s1", "ann", "7", "x.Spawner", flavor="small",
+                              end_date=end, owner="me")  # fmt: skip
+    await db.add_server(record, {"env": {"A": "1"}}, state={"pid": 42})
+    row = stored(db, select(Server).where(Server.id == record.id))
+    # dates to the microsecond (SQLite keeps no time zone: UTC), booleans as booleans
+    assert as_utc(row.end_date) == end and as_utc(row.started) == record.started
+    assert row.start_pending is True and row.stop_pending is False and row.end_warned is False
+    assert (row.name, row.start_id, row.flavor, row.owner, row.service) == ("lab", "s1", "small", "me", "")
+    again = await db.get_server("hub-a", "lab", "s1", secrets=True)
+    assert again.state == {"pid": 42} and again.request == {"env": {"A": "1"}}
+    assert as_utc(again.end_date) == end
+
+    # the end of the start: state and address, and start_pending cleared
+    assert await db.save_state(record.id, {"pid": 43}, service="127.0.0.1:9", start_done=True)
+    again = await db.get_server("hub-a", "lab", "s1", secrets=True)
+    assert (again.state, again.service, again.start_pending) == ({"pid": 43}, "127.0.0.1:9", False)
+    assert as_utc(again.last_update) >= record.started
+
+    assert await db.delete_server(record.id) is True
+    assert await db.delete_server(record.id) is False
+    assert await db.get_server("hub-a", "lab", "s1") is None
+
+
+async def test_a_second_start_of_a_key_is_refused_and_a_returning_user_reused(db):
+    first = ServerRecord.new("hub-a", "lab", "s1", "ann", "7", "x.Spawner")
+    await db.add_server(first, {})
+    with pytest.raises(orm.ServerExistsError):
+        await db.add_server(ServerRecord.new("hub-a", "lab", "s1", "ann", "7", "x.Spawner"), {})
+    db._user_ids.clear()  # as in another process: the user is found, not inserted twice
+    second = ServerRecord.new("hub-a", "lab", "s2", "ann-renamed", "7", "x.Spawner")
+    await db.add_server(second, {})
+    assert stored(db, select(Server.user_id).where(Server.id == second.id))[0] == (
+        stored(db, select(Server.user_id).where(Server.id == first.id))[0]
+    )
+    servers = await db.list_servers("hub-a")
+    assert sorted(s.start_id for s in servers) == ["s1", "s2"]
+
+
+async def test_errors_of_the_driver_are_raised_as_sqlalchemy_errors(db):
+    bad = db.prepare(insert(Server), columns=orm._SERVER_ROW)
+    row = {name: None for name in orm._SERVER_ROW}
+    row.update(hub_id=999, user_id=999, name="x", start_id="y", spawner_class="s", request=b"",
+               service="", start_pending=True, stop_pending=False, started=utcnow(),
+               last_update=utcnow(), end_warned=False, owner="")  # fmt: skip
+    with pytest.raises(IntegrityError):  # no such hub: a foreign key
+        await db._run(bad.execute, row)
+    # the writer's connection serves the next write
+    record = ServerRecord.new("hub-a", "lab", "s1", "ann", "7", "x.Spawner")
+    await db.add_server(record, {})
+    assert record.id is not None
+
+
+def test_a_column_with_a_python_default_must_be_given(db):
+    with pytest.raises(ValueError, match="outcome"):
+        db.prepare(insert(StartRecord), columns=("hub_id", "user_id", "name", "start_id",
+                                                 "flavor", "started"))  # fmt: skip
