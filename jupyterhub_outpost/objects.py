@@ -68,8 +68,9 @@ class OutpostORMSpawner:
 
     ``server`` is a transient (never stored) JupyterHub ``orm.Server``, so that
     ``Spawner.server.base_url`` is the prefix the hub gave the server. It is
-    built when first read; :meth:`release_server` drops it (with the
-    Spawner's wrapper of it) while the server runs and nothing reads it.
+    built when first read after :meth:`spawner_built`; :meth:`release_server`
+    drops it (with the Spawner's wrapper of it) while the server runs and
+    nothing reads it.
     """
 
     def __init__(self, name, user_options, service_prefix, ip="", port=0):
@@ -87,12 +88,25 @@ class OutpostORMSpawner:
             "cookie_name": "",
         }
         self._server = None
+        self._built = False
 
     @property
     def server(self):
         if self._server is None:
+            if not self._built:
+                return None
             self._server = hub_orm.Server(**self._server_values)
         return self._server
+
+    def spawner_built(self):
+        """The Spawner holding this exists: ``server`` is there from now on.
+
+        Before, it is None, as in JupyterHub, where a Spawner is built before
+        its server. So the Spawner's constructor does not build the ORM
+        object and the wrapper of it that nothing may read (a sixth of a
+        Spawner's construction).
+        """
+        self._built = True
 
     def release_server(self, spawner):
         """Forget the ``orm.Server`` and ``spawner``'s wrapper of it, keeping

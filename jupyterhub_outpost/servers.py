@@ -222,6 +222,7 @@ class ServerManager(LoggingConfigurable):
             api_token=env.get("JUPYTERHUB_API_TOKEN", ""),
             oauth_client_id=env.get("JUPYTERHUB_CLIENT_ID", ""),
         )
+        orm_spawner.spawner_built()
         self._apply_overrides(spawner, request.get("misc") or {}, record)
         kube.prepare(spawner, record.hub)
         _merge_env(spawner, env)
