@@ -10,25 +10,23 @@ I/O) and decide; the class gathers their inputs (hooks, database counts,
 the account database) and raises the errors.
 """
 
-import asyncio
-import pwd
-import time
 from dataclasses import dataclass
 
 from jupyterhub.utils import maybe_future
 from traitlets import Float, Integer, TraitError
 
 from . import credits, flavors
+from .accounts import AccountLookups
 from .errors import AccountRefusedError, OverrideRefusedError
 from .utils import ACCOUNT_NAME_RE, HUB_NAME_RE, utcnow
 
-# Spawner attributes a start request may never set: they connect the
-# Spawner to the Outpost, or carry credentials. Overrides of them are
-# ignored, as are overrides of names that are no traits of the Spawner.
 # how long an account's uid (or its absence) is taken as known, and for how many accounts
 ACCOUNT_LOOKUP_SECONDS = 10
 ACCOUNT_LOOKUPS_KEPT = 10000
 
+# Spawner attributes a start request may never set: they connect the
+# Spawner to the Outpost, or carry credentials. Overrides of them are
+# ignored, as are overrides of names that are no traits of the Spawner.
 PROTECTED_TRAITS = frozenset(
     {
         "user", "hub", "orm_spawner", "db", "config", "parent", "log",
@@ -155,13 +153,6 @@ def account_refusal(account, uid, min_uid, denied=()):
     return None
 
 
-def _uid_of(account):
-    try:
-        return pwd.getpwnam(account).pw_uid
-    except (KeyError, ValueError):
-        return None
-
-
 @dataclass
 class StartPlan:
     """What a start may do: the overrides to apply and the account to run as"""
@@ -205,7 +196,7 @@ class OutpostPolicy:
         self.allowed_env_keys = frozenset(self.allowed_env_keys or ())
         self.denied_accounts = frozenset(self.denied_accounts or ())
         self.min_account_uid = self.min_account_uid or 0
-        self._uids = {}  # account -> (uid or None, when the lookup is due again)
+        self.accounts = AccountLookups(ACCOUNT_LOOKUP_SECONDS, ACCOUNT_LOOKUPS_KEPT)
         self._class_traits = None
 
     @classmethod
@@ -284,27 +275,12 @@ class OutpostPolicy:
         if not isinstance(account, str):
             raise AccountRefusedError(f"No account for user {user_name!r}")
         uid = None
-        if ACCOUNT_NAME_RE.match(account):
-            uid = await self._uid(account)
+        if self.min_account_uid > 0 and ACCOUNT_NAME_RE.match(account):
+            uid = await self.accounts.uid(account)
         reason = account_refusal(account, uid, self.min_account_uid, self.denied_accounts)
         if reason:
             raise AccountRefusedError(reason)
         return account
-
-    async def _uid(self, account):
-        """The uid of ``account`` (None: no such account), looked up at most
-        once per ``ACCOUNT_LOOKUP_SECONDS``: every start asks, and the
-        account database may be remote (LDAP), so the lookup
-        runs in a thread"""
-        now = time.monotonic()
-        known = self._uids.get(account)
-        if known is not None and known[1] > now:
-            return known[0]
-        uid = await asyncio.get_running_loop().run_in_executor(None, _uid_of, account)
-        if len(self._uids) >= ACCOUNT_LOOKUPS_KEPT:
-            self._uids.clear()
-        self._uids[account] = (uid, now + ACCOUNT_LOOKUP_SECONDS)
-        return uid
 
     # flavors
 

@@ -1,0 +1,80 @@
+"""Looking up local accounts for starts, off the event loop.
+
+Every start asks for the uid of its account (``min_account_uid``). The
+account database may be remote (LDAP, sssd), so lookups run in a thread.
+A lookup of an account that does not exist asks every source in
+``nsswitch.conf`` and costs about as much as the rest of a start's
+bookkeeping; a thread call costs half of that again. So an answer is kept
+for ``ttl`` seconds, and the lookups asked for during one turn of the event
+loop (a burst of starts) go to the thread together, in one call.
+"""
+
+import asyncio
+import pwd
+import time
+
+
+def uid_of(account):
+    """The uid of ``account``, None if there is no such account"""
+    try:
+        return pwd.getpwnam(account).pw_uid
+    except (KeyError, ValueError):
+        return None
+
+
+class AccountLookups:
+    """uids of accounts, cached for ``ttl`` seconds (at most ``kept`` of them)"""
+
+    def __init__(self, ttl=10, kept=10000, lookup=uid_of, executor=None):
+        self.ttl = ttl
+        self.kept = kept
+        self.lookup = lookup
+        self.executor = executor
+        self._known = {}  # account -> (uid or None, when it is looked up again)
+        self._asked = {}  # account -> future: to be looked up with the next batch
+        # lookups made and thread calls that made them (tests, benchmarks)
+        self.lookups = 0
+        self.batches = 0
+
+    async def uid(self, account):
+        """The uid of ``account`` (None: no such account)"""
+        known = self._known.get(account)
+        if known is not None and known[1] > time.monotonic():
+            return known[0]
+        future = self._asked.get(account)
+        if future is None:
+            loop = asyncio.get_running_loop()
+            if not self._asked:  # the first of this turn: send the batch after it
+                loop.call_soon(self._send, loop)
+            future = self._asked[account] = loop.create_future()
+        # shielded: one caller cancelled does not cancel the others' answer
+        return await asyncio.shield(future)
+
+    def _send(self, loop):
+        asked, self._asked = self._asked, {}
+        accounts = list(asked)
+        answer = loop.run_in_executor(self.executor, self._look_up, accounts)
+        answer.add_done_callback(lambda done: self._answer(asked, done))
+
+    def _look_up(self, accounts):
+        return [self.lookup(account) for account in accounts]
+
+    def _answer(self, asked, done):
+        self.batches += 1
+        self.lookups += len(asked)
+        if done.cancelled():  # the executor was shut down
+            for future in asked.values():
+                future.cancel()
+            return
+        if done.exception() is not None:
+            for future in asked.values():
+                if not future.done():
+                    future.set_exception(done.exception())
+            return
+        if len(self._known) + len(asked) > self.kept:
+            self._known.clear()
+        due = time.monotonic() + self.ttl
+        for (account, future), uid in zip(asked.items(), done.result()):
+            self._known[account] = (uid, due)
+            if not future.done():
+                future.set_result(uid)
