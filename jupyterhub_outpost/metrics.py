@@ -13,7 +13,6 @@ scrape never touches the database however many servers run.
 
 import asyncio
 import functools
-import gc
 import hmac
 import ipaddress
 import os
@@ -207,10 +206,16 @@ class _CollectorPauses:
                                     "The longest garbage collection pause since the process started")  # fmt: skip
         longest.add_metric([], policy.longest_pause)
         yield longest
-        frozen = GaugeMetricFamily(f"{PREFIX}_gc_frozen_objects",
-                                   "Objects frozen out of the garbage collector's full collections")  # fmt: skip
-        frozen.add_metric([], gc.get_freeze_count())
-        yield frozen
+        # counts, not gc.get_freeze_count(): that walks every frozen object
+        # (65 ms with 10,000 servers, a stall at each scrape)
+        freezes = CounterMetricFamily(f"{PREFIX}_gc_freezes",
+                                      "Freezes of the objects that exist (out of full collections' sight)")  # fmt: skip
+        freezes.add_metric([], policy.freezes)
+        yield freezes
+        unfreezes = CounterMetricFamily(f"{PREFIX}_gc_unfreezes",
+                                        "Frozen objects handed back to the collector (Spawners kept by cycles)")  # fmt: skip
+        unfreezes.add_metric([], policy.unfreezes)
+        yield unfreezes
 
 
 class _SlurmCollector:
