@@ -6,10 +6,14 @@ A lookup of an account that does not exist asks every source in
 ``nsswitch.conf`` and costs about as much as the rest of a start's
 bookkeeping; a thread call costs half of that again. So an answer is kept
 for ``ttl`` seconds, and the lookups asked for during one turn of the event
-loop (a burst of starts) go to the thread together, in one call.
+loop (a burst of starts) go to the thread together, in one call. Expired
+answers are dropped, not kept until the next start of their account: what
+a burst of starts leaves in memory would keep the memory of all of that
+burst from being returned.
 """
 
 import asyncio
+import collections
 import pwd
 import time
 
@@ -30,7 +34,8 @@ class AccountLookups:
         self.kept = kept
         self.lookup = lookup
         self.executor = executor
-        self._known = {}  # account -> (uid or None, when it is looked up again)
+        # account -> (uid or None, when it expires), oldest first
+        self._known = collections.OrderedDict()
         self._asked = {}  # account -> future: to be looked up with the next batch
         # lookups made and thread calls that made them (tests, benchmarks)
         self.lookups = 0
@@ -38,8 +43,10 @@ class AccountLookups:
 
     async def uid(self, account):
         """The uid of ``account`` (None: no such account)"""
+        now = time.monotonic()
+        self._drop_expired(now)
         known = self._known.get(account)
-        if known is not None and known[1] > time.monotonic():
+        if known is not None:
             return known[0]
         future = self._asked.get(account)
         if future is None:
@@ -71,10 +78,19 @@ class AccountLookups:
                 if not future.done():
                     future.set_exception(done.exception())
             return
-        if len(self._known) + len(asked) > self.kept:
-            self._known.clear()
         due = time.monotonic() + self.ttl
         for (account, future), uid in zip(asked.items(), done.result()):
+            self._known.pop(account, None)  # to the end: the newest
             self._known[account] = (uid, due)
             if not future.done():
                 future.set_result(uid)
+        while len(self._known) > self.kept:
+            self._known.popitem(last=False)
+
+    def _drop_expired(self, now):
+        known = self._known
+        while known:
+            account, (_, due) = next(iter(known.items()))
+            if due > now:
+                break
+            del known[account]

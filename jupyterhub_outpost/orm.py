@@ -467,12 +467,13 @@ class Database:
             _insert_new(Server, dialect_insert, [Server.hub_id, Server.name, Server.start_id]),
             columns=_SERVER_ROW,
         )
+        self._user_by_hub_id = self.prepare(_USER_BY_HUB_ID)
+        self._user_rename = self.prepare(_USER_RENAME)
         self._save_state_statements = {key: self.prepare(s) for key, s in _SAVE_STATE.items()}
         self._take_accounting_lock = self.prepare(_TAKE_ACCOUNTING_LOCK)
         self._claim_stop_statement = self.prepare(_CLAIM_STOP)
         self._delete_server_statement = self.prepare(_DELETE_SERVER)
         self._hub_ids = {}
-        self._user_ids = {}  # (hub id, hub's user id) -> (user id, name)
         # the process whose starts add_server records (see servers.owner)
         self.owner = ""
         # called with (kind, seconds, failed) after each call, in its thread
@@ -641,35 +642,35 @@ class Database:
         Raises :class:`ServerExistsError`, or what ``check_limits`` raises.
         """
         hub_id = await self.hub_id(record.hub)
-        known = self._user_ids.get((hub_id, record.hub_user_id))
-        user_id = known[0] if known and known[1] == record.user_name else None
-        record.id, user_id, record.started = await self._run(
-            self._add_server, hub_id, user_id, record, request, state, check_limits, then
+        record.id, record.started = await self._run(
+            self._add_server, hub_id, record, request, state, check_limits, then
         )
         record.last_update = record.started
-        # cached only now: the transaction that created the user is committed
-        self._user_ids[(hub_id, record.hub_user_id)] = (user_id, record.user_name)
         return record
 
     def _user(self, connection, hub_id, hub_user_id, user_name):
         """The id of a hub's user, created or renamed as needed: one statement
-        for a new user, one read for a known one (no savepoint)"""
+        for a new user, two for a known one (no savepoint).
+
+        Not cached in memory: with the statements prepared, the read costs
+        less than what a cache of every user ever seen would keep (and
+        such entries, made during a burst of starts, kept its memory from
+        being returned)."""
         values = {"hub_id": hub_id, "hub_user_id": hub_user_id, "name": user_name}
         _, row = self._user_upsert.execute(connection, values)
         if row is not None:
             return row[0]
-        user_id, name = connection.execute(_USER_BY_HUB_ID, values).first()
+        _, (user_id, name) = self._user_by_hub_id.execute(connection, values)
         if name != user_name:
-            connection.execute(_USER_RENAME, {"uid": user_id, "name": user_name})
+            self._user_rename.execute(connection, {"uid": user_id, "name": user_name})
         return user_id
 
-    def _add_server(self, connection, hub_id, user_id, record, request, state, check_limits, then):
+    def _add_server(self, connection, hub_id, record, request, state, check_limits, then):
         if check_limits is not None:
             # the first write of this transaction: concurrent starts with
             # limits wait here, so the count below cannot be outdated
             self._take_accounting_lock.execute(connection, {})
-        if user_id is None:
-            user_id = self._user(connection, hub_id, record.hub_user_id, record.user_name)
+        user_id = self._user(connection, hub_id, record.hub_user_id, record.user_name)
         if check_limits is not None:
             check_limits(*self._counts_for(connection, user_id, record.flavor))
         now = utcnow()
@@ -701,7 +702,7 @@ class Database:
         server_id = inserted[0]
         if then is not None:
             then(connection, server_id, row)
-        return server_id, user_id, now
+        return server_id, now
 
     def _counts_for(self, connection, user_id, flavor):
         """(servers of flavor, the user's of flavor, the user's in all); stopping ones excluded"""

@@ -72,3 +72,12 @@ async def test_a_cancelled_caller_leaves_the_others_their_answer():
     release.set()
     assert await second == 1001
     assert first.cancelled()
+
+
+async def test_expired_answers_are_dropped_and_at_most_kept_remain():
+    lookups = AccountLookups(ttl=0.05, kept=3, lookup=lambda account: 1000)
+    await asyncio.gather(*(lookups.uid(f"user{i}") for i in range(5)))
+    assert list(lookups._known) == ["user2", "user3", "user4"]  # the newest
+    await asyncio.sleep(0.1)
+    await lookups.uid("late")
+    assert list(lookups._known) == ["late"]  # the expired ones are gone

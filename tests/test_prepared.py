@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 
 from jupyterhub_outpost import dbutil, orm
 from jupyterhub_outpost.crypto import CryptKeeper
-from jupyterhub_outpost.orm import Database, Server, ServerRecord, StartRecord
+from jupyterhub_outpost.orm import Database, Server, ServerRecord, StartRecord, User
 from jupyterhub_outpost.utils import as_utc, utcnow
 
 from .utils import ON_POSTGRES, drop_databases, new_db_url
@@ -66,12 +66,12 @@ async def test_a_second_start_of_a_key_is_refused_and_a_returning_user_reused(db
     await db.add_server(first, {})
     with pytest.raises(orm.ServerExistsError):
         await db.add_server(ServerRecord.new("hub-a", "lab", "s1", "ann", "7", "x.Spawner"), {})
-    db._user_ids.clear()  # as in another process: the user is found, not inserted twice
+    # the same hub user again, renamed at the hub: the same row, renamed
     second = ServerRecord.new("hub-a", "lab", "s2", "ann-renamed", "7", "x.Spawner")
     await db.add_server(second, {})
-    assert stored(db, select(Server.user_id).where(Server.id == second.id))[0] == (
-        stored(db, select(Server.user_id).where(Server.id == first.id))[0]
-    )
+    user_id = stored(db, select(Server.user_id).where(Server.id == first.id))[0]
+    assert stored(db, select(Server.user_id).where(Server.id == second.id))[0] == user_id
+    assert stored(db, select(User.name).where(User.id == user_id))[0] == "ann-renamed"
     servers = await db.list_servers("hub-a")
     assert sorted(s.start_id for s in servers) == ["s1", "s2"]
 
