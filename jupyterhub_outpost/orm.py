@@ -9,6 +9,7 @@ decrypted in the worker threads, and only when a call needs them.
 """
 
 import asyncio
+import collections
 import json
 import logging
 import threading
@@ -409,6 +410,9 @@ _TAKE_OVER = (
 _DELETE_SERVER = delete(Server).where(Server.id == bindparam("sid"))
 
 PROCESS_LEASE_PREFIX = "process:"
+# users whose ids a process keeps (a returning user's start then skips two
+# statements); the least recently started are forgotten
+USER_IDS_KEPT = 10000
 
 
 class Database:
@@ -474,6 +478,8 @@ class Database:
         self._claim_stop_statement = self.prepare(_CLAIM_STOP)
         self._delete_server_statement = self.prepare(_DELETE_SERVER)
         self._hub_ids = {}
+        # (hub id, hub's user id) -> (user id, name), of the latest starts
+        self._user_ids = collections.OrderedDict()
         # the process whose starts add_server records (see servers.owner)
         self.owner = ""
         # called with (kind, seconds, failed) after each call, in its thread
@@ -642,20 +648,24 @@ class Database:
         Raises :class:`ServerExistsError`, or what ``check_limits`` raises.
         """
         hub_id = await self.hub_id(record.hub)
-        record.id, record.started = await self._run(
-            self._add_server, hub_id, record, request, state, check_limits, then
+        key = (hub_id, record.hub_user_id)
+        known = self._user_ids.get(key)
+        user_id = known[0] if known and known[1] == record.user_name else None
+        record.id, user_id, record.started = await self._run(
+            self._add_server, hub_id, user_id, record, request, state, check_limits, then
         )
         record.last_update = record.started
+        # kept only now: the transaction that created the user is committed
+        self._user_ids.pop(key, None)
+        self._user_ids[key] = (user_id, record.user_name)
+        while len(self._user_ids) > USER_IDS_KEPT:
+            self._user_ids.popitem(last=False)  # the least recently started
         return record
 
     def _user(self, connection, hub_id, hub_user_id, user_name):
         """The id of a hub's user, created or renamed as needed: one statement
-        for a new user, two for a known one (no savepoint).
-
-        Not cached in memory: with the statements prepared, the read costs
-        less than what a cache of every user ever seen would keep (and
-        such entries, made during a burst of starts, kept its memory from
-        being returned)."""
+        for a new user, two for a known one (no savepoint); none for the
+        users of the last ``USER_IDS_KEPT`` starts, whose ids are kept"""
         values = {"hub_id": hub_id, "hub_user_id": hub_user_id, "name": user_name}
         _, row = self._user_upsert.execute(connection, values)
         if row is not None:
@@ -665,12 +675,13 @@ class Database:
             self._user_rename.execute(connection, {"uid": user_id, "name": user_name})
         return user_id
 
-    def _add_server(self, connection, hub_id, record, request, state, check_limits, then):
+    def _add_server(self, connection, hub_id, user_id, record, request, state, check_limits, then):
         if check_limits is not None:
             # the first write of this transaction: concurrent starts with
             # limits wait here, so the count below cannot be outdated
             self._take_accounting_lock.execute(connection, {})
-        user_id = self._user(connection, hub_id, record.hub_user_id, record.user_name)
+        if user_id is None:
+            user_id = self._user(connection, hub_id, record.hub_user_id, record.user_name)
         if check_limits is not None:
             check_limits(*self._counts_for(connection, user_id, record.flavor))
         now = utcnow()
@@ -702,7 +713,7 @@ class Database:
         server_id = inserted[0]
         if then is not None:
             then(connection, server_id, row)
-        return server_id, now
+        return server_id, user_id, now
 
     def _counts_for(self, connection, user_id, flavor):
         """(servers of flavor, the user's of flavor, the user's in all); stopping ones excluded"""

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 from cryptography.fernet import Fernet
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from jupyterhub_outpost import dbutil, orm
@@ -94,3 +94,15 @@ def test_a_column_with_a_python_default_must_be_given(db):
     with pytest.raises(ValueError, match="outcome"):
         db.prepare(insert(StartRecord), columns=("hub_id", "user_id", "name", "start_id",
                                                  "flavor", "started"))  # fmt: skip
+
+
+async def test_the_ids_of_the_latest_users_only_are_kept(db, monkeypatch):
+    monkeypatch.setattr(orm, "USER_IDS_KEPT", 2)
+    for i, user in enumerate(["ann", "bob", "cyd", "ann"]):
+        await db.add_server(ServerRecord.new("hub-a", "lab", f"s{i}", user, user, "x.Spawner"), {})
+    assert [hub_user for _, hub_user in db._user_ids] == ["cyd", "ann"]
+    # a forgotten user's next start finds the same row
+    await db.add_server(ServerRecord.new("hub-a", "lab", "s9", "bob", "bob", "x.Spawner"), {})
+    ids = {s.user_name for s in await db.list_servers("hub-a")}
+    assert ids == {"ann", "bob", "cyd"}
+    assert stored(db, select(func.count()).select_from(User))[0] == 3
