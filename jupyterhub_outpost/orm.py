@@ -264,7 +264,7 @@ class _Statement:
 
     The reads of polls and the writes of every start and stop run this way:
     SQLAlchemy's work per execution (building an execution context,
-    processing parameters, wrapping the result) was a third of a start's
+    processing parameters, wrapping the result) was nearly half of a start's
     time on the writer thread. What it did that matters is done here, once
     or cheaply: the types' bind processors (dates and booleans on SQLite),
     the statement's literal values, and DBAPI errors raised as SQLAlchemy's.
