@@ -17,6 +17,8 @@ import collections
 import pwd
 import time
 
+from .utils import remember
+
 
 def uid_of(account):
     """The uid of ``account``, None if there is no such account"""
@@ -80,12 +82,9 @@ class AccountLookups:
             return
         due = time.monotonic() + self.ttl
         for (account, future), uid in zip(asked.items(), done.result()):
-            self._known.pop(account, None)  # to the end: the newest
-            self._known[account] = (uid, due)
+            remember(self._known, account, (uid, due), self.kept)
             if not future.done():
                 future.set_result(uid)
-        while len(self._known) > self.kept:
-            self._known.popitem(last=False)
 
     def _drop_expired(self, now):
         known = self._known

@@ -48,7 +48,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .errors import DatabaseUnavailableError, ServerExistsError
 from .groupcommit import GroupCommit
-from .utils import as_utc, utcnow
+from .utils import as_utc, remember, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -656,10 +656,7 @@ class Database:
         )
         record.last_update = record.started
         # kept only now: the transaction that created the user is committed
-        self._user_ids.pop(key, None)
-        self._user_ids[key] = (user_id, record.user_name)
-        while len(self._user_ids) > USER_IDS_KEPT:
-            self._user_ids.popitem(last=False)  # the least recently started
+        remember(self._user_ids, key, (user_id, record.user_name), USER_IDS_KEPT)
         return record
 
     def _user(self, connection, hub_id, hub_user_id, user_name):

@@ -24,6 +24,15 @@ ACCOUNT_NAME_RE = re.compile(rf"^{_NAME}\Z")
 BUNDLE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}\Z")
 
 
+def remember(cache, key, value, kept):
+    """Store ``value`` as the newest entry of ``cache`` (an OrderedDict,
+    oldest first), dropping the oldest entries beyond ``kept``"""
+    cache.pop(key, None)
+    cache[key] = value
+    while len(cache) > kept:
+        cache.popitem(last=False)
+
+
 def utcnow():
     """Timezone-aware now in UTC"""
     return datetime.now(timezone.utc)
