@@ -304,19 +304,25 @@ class _Statement:
             return tuple(processed)
         return dict(zip(self._names, processed))
 
-    def execute(self, connection, values):
-        """Run in the transaction of ``connection`` (a SQLAlchemy
-        Connection): (rows changed, the first row returned or None)"""
-        params = self.params(values)
-        cursor = connection.connection.dbapi_connection.cursor()
+    def run(self, dbapi_connection, params):
+        """Run on a DBAPI connection with DBAPI ``params``: (rows changed,
+        the first row returned or None); the DBAPI's errors as they are"""
+        cursor = dbapi_connection.cursor()
         try:
             cursor.execute(self.sql, params)
             row = cursor.fetchone() if self._returns_rows else None
             return cursor.rowcount, row
-        except self._error as e:
-            raise DBAPIError.instance(self.sql, params, e, self._error, dialect=self.dialect) from e
         finally:
             cursor.close()
+
+    def execute(self, connection, values):
+        """Run in the transaction of ``connection`` (a SQLAlchemy
+        Connection): (rows changed, the first row returned or None)"""
+        params = self.params(values)
+        try:
+            return self.run(connection.connection.dbapi_connection, params)
+        except self._error as e:
+            raise DBAPIError.instance(self.sql, params, e, self._error, dialect=self.dialect) from e
 
 
 # What a poll needs: one read of the unique key, three narrow columns
@@ -555,12 +561,7 @@ class Database:
     def _fetch_one_row(self, statement, values):
         for attempt in (1, 2):
             try:
-                cursor = self._reader().cursor()
-                try:
-                    cursor.execute(statement.sql, statement.params(values))
-                    return cursor.fetchone()
-                finally:
-                    cursor.close()
+                return statement.run(self._reader(), statement.params(values))[1]
             except self._connection_errors as e:
                 self._drop_reader()
                 if attempt == 2:
@@ -592,10 +593,11 @@ class Database:
         return ServerRecord(*row, state=state, request=request)
 
     def prepare(self, statement, columns=None):
-        """``statement`` compiled once for this database, for the writes
-        every start or stop makes: ``prepared.execute(connection, values)``
-        returns (rows changed, first row returned). ``columns``: those an
-        INSERT without values is given."""
+        """``statement`` compiled once for this database, for the reads of
+        polls and the writes every start or stop makes:
+        ``prepared.execute(connection, values)`` returns (rows changed,
+        first row returned). ``columns``: those an INSERT without values
+        is given."""
         return _Statement(statement, self.engine.dialect, columns)
 
     def insert_or_replace(self, table, key, reset=None):
