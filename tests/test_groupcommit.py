@@ -15,14 +15,14 @@ from jupyterhub_outpost.orm import new_engine
 from .utils import ON_POSTGRES, drop_databases, new_db_url
 
 
-@pytest.fixture
-def writes(tmp_path):
+@pytest.fixture(params=[1], ids=lambda n: f"{n}-writers")
+def writes(request, tmp_path):
     url = new_db_url(tmp_path)
     engine = new_engine(url)
     with engine.begin() as connection:
         connection.execute(text("CREATE TABLE items (k INTEGER PRIMARY KEY, v TEXT)"))
-    executor = ThreadPoolExecutor(1)
-    group = GroupCommit(engine, executor, workers=1)
+    executor = ThreadPoolExecutor(request.param)
+    group = GroupCommit(engine, executor, workers=request.param)
     yield group, engine
     executor.shutdown(wait=True)
     group.close()
@@ -102,3 +102,30 @@ async def test_errors_are_translated_for_the_caller(writes):
 
     with pytest.raises(LookupError, match="translated"):
         await group.submit(asyncio.get_running_loop(), fails, ())
+
+
+@pytest.mark.parametrize("writes", [4], indirect=True)
+async def test_with_several_writers_a_burst_still_shares_transactions(writes):
+    group, engine = writes
+    loop = asyncio.get_running_loop()
+    futures = [group.submit(loop, insert, (k, f"v{k}")) for k in range(60)]
+    assert sorted(await asyncio.gather(*futures)) == list(range(1, 61))
+    assert rows(engine) == {k: f"v{k}" for k in range(60)}
+    # one writer took them while its transactions were short: the first
+    # call alone (its writer began at once), then the rest together
+    assert group.batches <= 2
+
+
+@pytest.mark.parametrize("writes", [2], indirect=True)
+async def test_a_long_transaction_does_not_hold_up_the_writes_behind_it(writes):
+    group, engine = writes
+    loop = asyncio.get_running_loop()
+    first, release = blocked(group, loop)
+    try:
+        # a second writer begins once this has waited SPREAD_AFTER
+        assert await asyncio.wait_for(group.submit(loop, insert, (1, "one")), 10) == 1
+        assert not first.done()
+    finally:
+        release.set()
+    assert await first is True
+    assert rows(engine) == {1: "one"}
