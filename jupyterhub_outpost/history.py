@@ -22,7 +22,10 @@ from .log import secrets
 from .orm import Hub, StartRecord, User
 from .utils import isoformat, utcnow
 
-OUTCOMES = ("starting", "ready", "failed", "cancelled", "stopped", "expired")
+# the outcome of a start that has not ended (the column's default; the
+# prepared insert gives it, and a reused start id is reset to it)
+STARTING = "starting"
+OUTCOMES = (STARTING, "ready", "failed", "cancelled", "stopped", "expired")
 # most events kept per start, and longest message of one
 MAX_EVENTS = 200
 MAX_MESSAGE = 4096
@@ -72,7 +75,7 @@ class StartHistory:
         self._insert_start = db.prepare(
             db.insert_or_replace(
                 StartRecord, ("hub_id", "name", "start_id"),
-                reset={"ended": None, "stopped": None, "outcome": "starting", "data": None},
+                reset={"ended": None, "stopped": None, "outcome": STARTING, "data": None},
             ),
             columns=_START_COLUMNS + ("outcome",),
         )  # fmt: skip
@@ -92,7 +95,7 @@ class StartHistory:
         """A row for the start just recorded as server ``server_id``
         (``row``: the values of its record), in the transaction of the insert"""
         values = {key: row[key] for key in _START_COLUMNS}
-        values["outcome"] = "starting"
+        values["outcome"] = STARTING
         self._insert_start.execute(connection, values)
 
     def end_start_step(self, hub_id, name, start_id, outcome, events, reason=None):
