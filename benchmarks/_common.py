@@ -142,16 +142,34 @@ def machine_busy_seconds():
     return (sum(fields[:8]) - idle) / CLK_TCK
 
 
+def postgres_cpu_seconds():
+    """CPU seconds used by the PostgreSQL server processes alive now"""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                comm, _, rest = f.read().partition(" (")[2].rpartition(") ")
+        except OSError:  # gone meanwhile
+            continue
+        if comm == "postgres":
+            fields = rest.split()
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
 class Meter:
-    """Wall time and CPU use of the Outpost, of this client, and of the rest
-    of the machine (other processes compete for the same cores)"""
+    """Wall time and CPU use of the Outpost, of this client, of the
+    PostgreSQL server, and of the rest of the machine (other processes
+    compete for the same cores)"""
 
     def __init__(self, pid):
         self.pid = pid
 
     def _sample(self):
         return (time.perf_counter(), proc_cpu_seconds(self.pid), time.process_time(),
-                machine_busy_seconds())  # fmt: skip
+                machine_busy_seconds(), postgres_cpu_seconds())  # fmt: skip
 
     def __enter__(self):
         self._begin = self._sample()
@@ -159,9 +177,11 @@ class Meter:
 
     def __exit__(self, *exc):
         end = self._sample()
-        self.wall, self.server_cpu, self.client_cpu, machine = (
+        self.wall, self.server_cpu, self.client_cpu, machine, postgres = (
             b - a for a, b in zip(self._begin, end)
         )
+        # backends that exited meanwhile are missing: a lower bound
+        self.postgres_cpu = max(0.0, postgres)
         self.other_cpu = max(0.0, machine - self.server_cpu - self.client_cpu)
 
     @property

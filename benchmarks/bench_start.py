@@ -131,7 +131,7 @@ def row(label, latencies, meter, ping_rate, poll_cpu):
     cpu = meter.server_cpu / max(1, len(latencies))
     return [label, len(latencies), f"{rate:.0f}", f"{rate / ping_rate:.3f}", f2(ms(pct(latencies, 50))),
             f2(ms(pct(latencies, 99))), f2(ms(cpu)), f2(cpu / poll_cpu) if poll_cpu else "-",
-            f"{meter.other_pct:.0f}%"]  # fmt: skip
+            f2(ms(meter.postgres_cpu / max(1, len(latencies)))), f"{meter.other_pct:.0f}%"]  # fmt: skip
 
 
 async def part_cost(args, db_label, db_context):
@@ -166,7 +166,8 @@ async def part_cost(args, db_label, db_context):
     ]
     print_table(
         f"{db_label}: the cost of a start (N={args.servers}, {c} in flight)",
-        ["request", "done", "req/s", "x ping", "p50 ms", "p99 ms", "CPU ms/req", "CPU / poll's", "others CPU"],
+        ["request", "done", "req/s", "x ping", "p50 ms", "p99 ms", "CPU ms/req", "CPU / poll's",
+         "postgres CPU ms/req", "others CPU"],
         rows,
     )  # fmt: skip
     writes = after.get(f"{PREFIX}_db_writes_total", 0) - before.get(f"{PREFIX}_db_writes_total", 0)
