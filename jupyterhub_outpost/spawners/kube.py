@@ -23,6 +23,7 @@ pod from that cache and costs no API request.
 """
 
 import asyncio
+import functools
 import hashlib
 import re
 import sys
@@ -58,7 +59,12 @@ class KubeStartError(Exception):
 
 def is_kubespawner(spawner):
     """True for a KubeSpawner or a subclass (without importing kubespawner)"""
-    return any(f"{c.__module__}.{c.__name__}" == KUBESPAWNER for c in type(spawner).__mro__)
+    return _is_kubespawner_class(type(spawner))
+
+
+@functools.lru_cache(maxsize=64)  # a few classes: asked at every start
+def _is_kubespawner_class(cls):
+    return any(f"{c.__module__}.{c.__name__}" == KUBESPAWNER for c in cls.__mro__)
 
 
 def hub_slug(hub):
