@@ -118,11 +118,17 @@ def pct(values, p):
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
-def proc_cpu_seconds(pid):
+def proc_name_and_cpu(pid):
+    """(command name, CPU seconds) of process ``pid``, from ``/proc/<pid>/stat``"""
     with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+        head, _, tail = f.read().rpartition(")")
+    fields = tail.split()
     # fields[0] is field 3 (state): utime is field 14, stime field 15
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return head.partition("(")[2], (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_cpu_seconds(pid):
+    return proc_name_and_cpu(pid)[1]
 
 
 def proc_status(pid):
@@ -149,13 +155,11 @@ def postgres_cpu_seconds():
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                comm, _, rest = f.read().partition(" (")[2].rpartition(") ")
+            name, cpu = proc_name_and_cpu(entry)
         except OSError:  # gone meanwhile
             continue
-        if comm == "postgres":
-            fields = rest.split()
-            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+        if name == "postgres":
+            total += cpu
     return total
 
 
