@@ -37,7 +37,11 @@ _SAME_START = (
     & (StartRecord.name == bindparam("h_name"))
     & (StartRecord.start_id == bindparam("h_start_id"))
 )
-_START_COLUMNS = ("hub_id", "user_id", "name", "start_id", "flavor", "started")
+# a start's row takes these from its server's row, and its outcome
+_START_COLUMNS = ("hub_id", "user_id", "name", "start_id", "flavor", "started", "outcome")
+_START_KEY = ("hub_id", "name", "start_id")
+# what a start id used again (a hub's choice) resets of the row it had
+_START_RESET = {"ended": None, "stopped": None, "outcome": STARTING, "data": None}
 _END_START = update(StartRecord).where(_SAME_START).values(
     outcome=bindparam("outcome"), ended=bindparam("ended"), data=bindparam("data")
 )
@@ -48,6 +52,14 @@ _SERVER_ENDED = (
     .where(_SAME_START, StartRecord.outcome == "ready")
     .values(outcome=bindparam("outcome"), stopped=bindparam("stopped"))
 )
+
+
+def _guarded(statement, guard):
+    return statement if guard is None else statement.where(guard)
+
+
+def _start_values():
+    return {"outcome": STARTING}
 
 
 def clean_event(event):
@@ -71,61 +83,64 @@ class StartHistory:
 
     def __init__(self, db, retention_days=7, per_user=20):
         self.db = db
-        # a start id used again (a hub's choice) starts its row anew
-        self._insert_start = db.prepare(
-            db.insert_or_replace(
-                StartRecord, ("hub_id", "name", "start_id"),
-                reset={"ended": None, "stopped": None, "outcome": STARTING, "data": None},
-            ),
-            columns=_START_COLUMNS + ("outcome",),
-        )  # fmt: skip
-        self._end_start_statements = {
-            True: db.prepare(_END_START), False: db.prepare(_END_START_AND_SERVER)
-        }
-        self._server_ended = db.prepare(_SERVER_ENDED)
+        # the writes that go with the server's own (orm.FollowUp)
+        self._start_row = db.follow_up(self._insert_start, columns=_START_COLUMNS)
+        self._ready = db.follow_up(partial(_guarded, _END_START))
+        self._ended = db.follow_up(partial(_guarded, _SERVER_ENDED))
+        # the step of every insert of a server: its start's row
+        self.begin_row = self._start_row.step(_start_values)
+        self._failed_or_cancelled = db.prepare(_END_START_AND_SERVER)
         self.retention_days = retention_days
         self.per_user = per_user
 
-    # writing (the ServerManager). Each write is a step of the transaction
-    # that records what it tells of: the row of a start is inserted with the
-    # server's record, its outcome saved with the state of the finished
-    # start, its end with the deletion of the record.
+    def _insert_start(self, guard):
+        # guarded: the values are selected, when the server's row was inserted
+        if guard is None:
+            return self.db.insert_or_replace(StartRecord, _START_KEY, reset=_START_RESET)
+        table = StartRecord.__table__
+        values = select(*[bindparam(c, type_=table.c[c].type) for c in _START_COLUMNS]).where(guard)
+        return self.db.insert_or_replace(
+            StartRecord, _START_KEY, reset=_START_RESET, rows=(_START_COLUMNS, values)
+        )
 
-    def begin_row(self, connection, server_id, row):
-        """A row for the start just recorded as server ``server_id``
-        (``row``: the values of its record), in the transaction of the insert"""
-        values = {key: row[key] for key in _START_COLUMNS}
-        values["outcome"] = STARTING
-        self._insert_start.execute(connection, values)
+    # writing (the ServerManager). Each write goes with the one of the
+    # server's record that it tells of: the row of a start is inserted with
+    # the server's record (``begin_row``), its outcome saved with the state
+    # of the finished start, its end with the deletion of the record.
 
-    def end_start_step(self, hub_id, name, start_id, outcome, events, reason=None):
-        """The step that records how a start ended (``ready``, ``failed`` or
-        ``cancelled``), for :meth:`~jupyterhub_outpost.orm.Database.save_state`"""
+    def ready_step(self, hub_id, name, start_id, events):
+        """The step that records that a start ended ready, for
+        :meth:`~jupyterhub_outpost.orm.Database.save_state`"""
         events = list(events[-MAX_EVENTS:])
-        return partial(self._end_start, hub_id, name, start_id, outcome, events, reason, utcnow())
+        return self._ready.step(self._end_values, hub_id, name, start_id, "ready", events, None, utcnow())
 
-    def _end_start(self, hub_id, name, start_id, outcome, events, reason, ended, connection):
+    def _end_values(self, hub_id, name, start_id, outcome, events, reason, ended):
         data = {"events": [clean_event(e) for e in events]}
         if reason:
             data["reason"] = secrets.scrub(str(reason))[:MAX_MESSAGE]
-        values = {"h_hub_id": hub_id, "h_name": name, "h_start_id": start_id, "outcome": outcome,
-                  "ended": ended, "data": self.db._seal(data)}  # fmt: skip
-        self._end_start_statements[outcome == "ready"].execute(connection, values)
+        return {"h_hub_id": hub_id, "h_name": name, "h_start_id": start_id, "outcome": outcome,
+                "ended": ended, "data": self.db._seal(data)}  # fmt: skip
 
     async def end_start(self, key, outcome, events, reason=None):
         """Record on its own how the start of ``key`` (hub, name, start_id)
-        ended, when no other write goes with it"""
+        ended (``failed`` or ``cancelled``: its server ended with it), when
+        no other write goes with it"""
         hub, name, start_id = key
         hub_id = await self.db.hub_id(hub)
-        step = self.end_start_step(hub_id, name, start_id, outcome, events, reason)
-        await self.db._run(step)
+        values = partial(
+            self._end_values, hub_id, name, start_id, outcome, list(events[-MAX_EVENTS:]), reason, utcnow()
+        )  # fmt: skip
+        await self.db._run(self._end_start, values)
+
+    def _end_start(self, connection, values):
+        self._failed_or_cancelled.execute(connection, values())
 
     def server_ended_step(self, hub_id, name, start_id, outcome="stopped"):
         """The step that records that a ready server ended (``stopped`` or
         ``expired``), for :meth:`~jupyterhub_outpost.orm.Database.delete_server`"""
-        values = {"h_hub_id": hub_id, "h_name": name, "h_start_id": start_id,
-                  "outcome": outcome, "stopped": utcnow()}  # fmt: skip
-        return partial(self._server_ended.execute, values=values)
+        return self._ended.step(
+            dict, h_hub_id=hub_id, h_name=name, h_start_id=start_id, outcome=outcome, stopped=utcnow()
+        )  # fmt: skip
 
     # reading (the API and the CLI)
 

@@ -34,8 +34,10 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    exists,
     func,
     insert,
+    literal_column,
     or_,
     select,
     update,
@@ -274,6 +276,8 @@ class _Statement:
     """
 
     def __init__(self, statement, dialect, columns=None):
+        self.statement = statement
+        self.columns = columns
         compiled = statement.compile(dialect=dialect, column_keys=columns)
         if compiled.insert_prefetch or compiled.update_prefetch:
             missing = [c.key for c in compiled.insert_prefetch + compiled.update_prefetch]
@@ -292,7 +296,7 @@ class _Statement:
             key = bind.key if bind.required else None
             self._binds.append((key, None if bind.required else bind.effective_value, processor))
         dml = compiled.isinsert or compiled.isupdate or compiled.isdelete
-        self._returns_rows = bool(compiled.effective_returning) if dml else True
+        self.returns_rows = bool(compiled.effective_returning) if dml else True
 
     def params(self, values):
         """The DBAPI parameters of a call with ``values`` ({key: value})"""
@@ -310,7 +314,7 @@ class _Statement:
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(self.sql, params)
-            row = cursor.fetchone() if self._returns_rows else None
+            row = cursor.fetchone() if self.returns_rows else None
             return cursor.rowcount, row
         finally:
             cursor.close()
@@ -323,6 +327,65 @@ class _Statement:
             return self.run(connection.connection.dbapi_connection, params)
         except self._error as e:
             raise DBAPIError.instance(self.sql, params, e, self._error, dialect=self.dialect) from e
+
+
+class FollowUp:
+    """A kind of write that goes with one of a server's own writes (its
+    insert, the save that ends its start, its deletion): in the same
+    transaction, and only when that write changed the server's row. The
+    spawn history's writes are such.
+
+    ``build(guard)`` gives the write as a Core statement. ``guard`` is None
+    when it runs as a statement of its own after the server's write; else
+    it is a SQL condition (the server's row was changed) that the statement
+    must carry. On PostgreSQL the two writes run as one statement, a
+    data-modifying ``WITH``: one round trip and one statement for the server
+    to run, instead of two. SQLite has no such statements.
+
+    :meth:`step` gives what a call of :meth:`Database.add_server`,
+    :meth:`~Database.save_state` or :meth:`~Database.delete_server` takes as
+    ``then``.
+    """
+
+    def __init__(self, db, build, columns=None):
+        self._db = db
+        self._build = build
+        self.alone = db.prepare(build(None), columns=columns)
+        # the prepared write of the server -> both as one statement
+        self._merged = {}
+
+    def step(self, make_values, *args, **kwargs):
+        """This write, with the values ``make_values(*args, **kwargs)``
+        returns; they are made in the writer thread, and added to those of
+        the server's write (the names the two share have the same values)"""
+        return _Step(self, partial(make_values, *args, **kwargs))
+
+    def merged(self, base):
+        """The prepared server's write ``base`` and this one as one statement.
+        It returns the changed row's id, or no row."""
+        prepared = self._merged.get(base)
+        if prepared is None:
+            statement = base.statement
+            if base.columns:  # an INSERT that a call gives the values of
+                table = statement.table
+                statement = statement.values(
+                    {c: bindparam(c, type_=table.c[c].type) for c in base.columns}
+                )
+            if not base.returns_rows:
+                statement = statement.returning(statement.table.c.id)
+            # (named, not changed.c.id: a statement once compiled keeps the
+            # columns it returned then, none, in the copies made from it)
+            changed = statement.cte("changed")
+            follow = self._build(exists().select_from(changed)).cte("follow")
+            merged = select(literal_column("id", Integer)).select_from(changed).add_cte(follow)
+            prepared = self._merged[base] = self._db.prepare(merged)
+        return prepared
+
+
+@dataclass(frozen=True)
+class _Step:
+    kind: FollowUp
+    make_values: object
 
 
 # What a poll needs: one read of the unique key, three narrow columns
@@ -468,6 +531,8 @@ class Database:
             self.engine, self.executor, workers, self._translate, self._observe_write
         )
         self._dialect_insert = dialect_insert = sqlite_insert if self.is_sqlite else postgresql_insert
+        # a server's write and the one that follows it as one statement (FollowUp)
+        self.merges_writes = not self.is_sqlite
         self._status = self.prepare(_SERVER_STATUS)
         self._user_upsert = self.prepare(
             _insert_new(User, dialect_insert, [User.hub_id, User.hub_user_id]),
@@ -600,11 +665,37 @@ class Database:
         is given."""
         return _Statement(statement, self.engine.dialect, columns)
 
-    def insert_or_replace(self, table, key, reset=None):
+    def follow_up(self, build, columns=None):
+        """A :class:`FollowUp` write, built by ``build(guard)``; ``columns``
+        as for :meth:`prepare`"""
+        return FollowUp(self, build, columns)
+
+    def _write(self, connection, base, values, then=None):
+        """Run the prepared server's write ``base`` with ``values``, and the
+        step ``then`` of a :class:`FollowUp` if it changed a row: (whether
+        a row changed, the first row ``base`` returned or None)"""
+        if then is None:
+            changed, row = base.execute(connection, values)
+            return changed > 0 or row is not None, row
+        values = {**values, **then.make_values()}
+        if self.merges_writes:
+            row = then.kind.merged(base).execute(connection, values)[1]
+            return row is not None, row
+        changed, row = base.execute(connection, values)
+        changed = changed > 0 or row is not None
+        if changed:
+            then.kind.alone.execute(connection, values)
+        return changed, row
+
+    def insert_or_replace(self, table, key, reset=None, rows=None):
         """A prebuilt ``INSERT`` into ``table`` (an ORM class) that, when a row
         with the same ``key`` columns exists, overwrites it instead: with
-        the inserted values, and the ``reset`` ones ({column: value})"""
+        the inserted values, and the ``reset`` ones ({column: value}).
+        ``rows``: (column names, a SELECT of their values) to insert,
+        instead of the values a call gives"""
         statement = self._dialect_insert(table)
+        if rows is not None:
+            statement = statement.from_select(*rows)
         replaced = {c.name: statement.excluded[c.name] for c in table.__table__.columns
                     if c.name not in key and c.name != "id"}  # fmt: skip
         replaced.update(reset or {})
@@ -644,8 +735,8 @@ class Database:
         ``request`` (stored encrypted) and ``state`` (the Spawner's state
         before its start, stored encrypted) belong to the record;
         ``check_limits(servers of flavor, the user's of flavor, the user's
-        servers)`` may raise to refuse the start; ``then(connection,
-        server_id, row)`` runs in the same transaction after the insert.
+        servers)`` may raise to refuse the start; ``then``, a step of a
+        :class:`FollowUp` given the values of the row, is written with it.
 
         Raises :class:`ServerExistsError`, or what ``check_limits`` raises.
         """
@@ -702,17 +793,14 @@ class Database:
             "end_warned": False,
             "owner": record.owner,
         }
-        _, inserted = self._insert_server.execute(connection, row)
+        _, inserted = self._write(connection, self._insert_server, row, then)
         if inserted is None:
             # the key exists: nothing was written but possibly a new user
             # (kept: it exists) and the lock
             raise ServerExistsError(
                 f"Server {record.name!r} with start_id {record.start_id!r} already exists"
             )
-        server_id = inserted[0]
-        if then is not None:
-            then(connection, server_id, row)
-        return server_id, user_id, now
+        return inserted[0], user_id, now
 
     def _counts_for(self, connection, user_id, flavor):
         """(servers of flavor, the user's of flavor, the user's in all); stopping ones excluded"""
@@ -845,8 +933,8 @@ class Database:
 
     async def save_state(self, server_id, state, service=None, start_done=False, then=None):
         """Store the spawner's state (None: keep the stored one) and, when a
-        start finished, its address. True when the record was updated; then,
-        in the same transaction, ``then(connection)`` runs."""
+        start finished, its address. True when the record was updated; then
+        ``then``, a step of a :class:`FollowUp`, is written with it."""
         return await self._run(self._save_state, server_id, state, service, start_done, then)
 
     def _save_state(self, connection, server_id, state, service, start_done, then=None):
@@ -856,10 +944,7 @@ class Database:
         if service is not None:
             params["service"] = service
         statement = self._save_state_statements[state is not None, service is not None, start_done]
-        saved = statement.execute(connection, params)[0] == 1
-        if saved and then is not None:
-            then(connection)
-        return saved
+        return self._write(connection, statement, params, then)[0]
 
     async def claim_stop(self, server_id, owner):
         """Mark a running server as stopping by ``owner``. True if this call set the flag."""
@@ -927,15 +1012,12 @@ class Database:
         return result.rowcount
 
     async def delete_server(self, server_id, then=None):
-        """Forget a server. True if it was still recorded; then, in the same
-        transaction, ``then(connection)`` runs."""
+        """Forget a server. True if it was still recorded; then ``then``, a
+        step of a :class:`FollowUp`, is written with its deletion."""
         return await self._run(self._delete_server, server_id, then)
 
     def _delete_server(self, connection, server_id, then=None):
-        deleted = self._delete_server_statement.execute(connection, {"sid": server_id})[0] == 1
-        if deleted and then is not None:
-            then(connection)
-        return deleted
+        return self._write(connection, self._delete_server_statement, {"sid": server_id}, then)[0]
 
     # leases for background work, and the runtime of servers
 

@@ -114,7 +114,7 @@ class ManagedServer:
     async def save_state(self, service=None, start_done=False, then=None):
         """Store the Spawner's state; False when a finished start was not
         recorded as done (another process asked for a stop meanwhile).
-        ``then(connection)`` runs in the same transaction when it was.
+        ``then`` (a step of an :class:`~.orm.FollowUp`) is written with it when it was.
         During a start, a state stored already is not written again."""
         state = state_to_save(self.spawner)
         unchanged = self.starting and state == self.saved_state
@@ -392,8 +392,8 @@ class ServerManager(LoggingConfigurable):
             await self._end_keeper(managed, last_save=False)
             await managed.outpost_db.flush_pending()
             await self.pacer.wait()  # the ends of a burst of starts are paced too
-            ready = self.history.end_start_step(
-                self.db.hub_ids[managed.record.hub], *managed.record.key[1:], "ready", managed.events
+            ready = self.history.ready_step(
+                self.db.hub_ids[managed.record.hub], *managed.record.key[1:], managed.events
             )
             done = await managed.save_state(service=service, start_done=True, then=ready)
             if not done:

@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 
 from jupyterhub_outpost import dbutil, orm
 from jupyterhub_outpost.crypto import CryptKeeper
+from jupyterhub_outpost.history import StartHistory
 from jupyterhub_outpost.orm import Database, Server, ServerRecord, StartRecord, User
 from jupyterhub_outpost.utils import as_utc, utcnow
 
@@ -106,3 +107,48 @@ async def test_the_ids_of_the_latest_users_only_are_kept(db, monkeypatch):
     ids = {s.user_name for s in await db.list_servers("hub-a")}
     assert ids == {"ann", "bob", "cyd"}
     assert stored(db, select(func.count()).select_from(User))[0] == 3
+
+
+async def test_a_starts_history_is_written_with_its_servers_writes_and_only_with_them(db, monkeypatch):
+    history = StartHistory(db)
+    statements = []
+    run = orm._Statement.run
+    monkeypatch.setattr(orm._Statement, "run", lambda self, *a: statements.append(self) or run(self, *a))
+
+    def row_of(start_id):
+        return stored(db, select(StartRecord.outcome, StartRecord.flavor, StartRecord.data)
+                      .where(StartRecord.start_id == start_id))  # fmt: skip
+
+    # a start, its end and its stop
+    record = ServerRecord.new("hub-a", "lab", "s1", "ann", "7", "x.Spawner", flavor="small")
+    await db.add_server(record, {}, then=history.begin_row)
+    assert row_of("s1")[:2] == ("starting", "small")
+    events = [{"progress": 50, "message": "half"}]
+    hub_id = db.hub_ids["hub-a"]
+    ready = history.ready_step(hub_id, "lab", "s1", events)
+    assert await db.save_state(record.id, {"pid": 1}, service="127.0.0.1:9", start_done=True, then=ready)
+    outcome, _, data = row_of("s1")
+    assert outcome == "ready" and db._open(data)["events"] == [{"progress": 50, "message": "half"}]
+    ended = history.server_ended_step(hub_id, "lab", "s1")
+    assert await db.delete_server(record.id, then=ended) is True
+    assert row_of("s1")[0] == "stopped"
+    # on PostgreSQL each pair is one statement: a new user, then three
+    # writes of the server with their history; SQLite runs them one by one
+    assert len(statements) == (4 if ON_POSTGRES else 7)
+
+    # where the server's write changes nothing, its history is not written
+    again = ServerRecord.new("hub-a", "lab", "s1", "ann", "7", "x.Spawner", flavor="large")
+    await db.add_server(again, {}, then=history.begin_row)
+    with pytest.raises(orm.ServerExistsError):
+        await db.add_server(ServerRecord.new("hub-a", "lab", "s1", "ann", "7", "x.Spawner"), {},
+                            then=history.begin_row)  # fmt: skip
+    # (the start id used again started its row anew, and the refused one left it)
+    assert row_of("s1") == ("starting", "large", None)
+    assert await db.request_stop(again.id)  # a stop asked for during the start
+    ready = history.ready_step(hub_id, "lab", "s1", events)
+    assert not await db.save_state(again.id, None, service="127.0.0.1:9", start_done=True, then=ready)
+    assert row_of("s1")[0] == "starting"
+    assert await db.delete_server(again.id) is True
+    ended = history.server_ended_step(hub_id, "lab", "s1")
+    assert await db.delete_server(again.id, then=ended) is False
+    assert row_of("s1")[0] == "starting"
