@@ -208,9 +208,13 @@ def summarize_profile(path, starts, seconds, top=8):
     total = collections.Counter()
     samples = 0
     try:
-        with open(path) as f:
+        # (py-spy may write a frame's name as garbage, a carriage return say:
+        # lines end at newlines only, and a line that does not parse is skipped)
+        with open(path, newline="\n", errors="replace") as f:
             for line in f:
-                stack, _, count = line.rstrip().rpartition(" ")
+                stack, _, count = line.rstrip("\n").rpartition(" ")
+                if not count.isdigit():
+                    continue
                 count = int(count)
                 frames = stack.split(";")
                 thread = re.sub(r"\s*\(.*", "", frames[0])
