@@ -54,7 +54,7 @@ _SERVER_ENDED = (
 )
 
 
-def _guarded(statement, guard):
+def _guarded(statement, guard, expressions):
     return statement if guard is None else statement.where(guard)
 
 
@@ -93,12 +93,13 @@ class StartHistory:
         self.retention_days = retention_days
         self.per_user = per_user
 
-    def _insert_start(self, guard):
+    def _insert_start(self, guard, expressions):
         # guarded: the values are selected, when the server's row was inserted
         if guard is None:
             return self.db.insert_or_replace(StartRecord, _START_KEY, reset=_START_RESET)
         table = StartRecord.__table__
-        values = select(*[bindparam(c, type_=table.c[c].type) for c in _START_COLUMNS]).where(guard)
+        values = select(*[expressions.get(c, bindparam(c, type_=table.c[c].type))
+                          for c in _START_COLUMNS]).where(guard)  # fmt: skip
         return self.db.insert_or_replace(
             StartRecord, _START_KEY, reset=_START_RESET, rows=(_START_COLUMNS, values)
         )

@@ -335,12 +335,16 @@ class FollowUp:
     transaction, and only when that write changed the server's row. The
     spawn history's writes are such.
 
-    ``build(guard)`` gives the write as a Core statement. ``guard`` is None
-    when it runs as a statement of its own after the server's write; else
-    it is a SQL condition (the server's row was changed) that the statement
-    must carry. On PostgreSQL the two writes run as one statement, a
-    data-modifying ``WITH``: one round trip and one statement for the server
-    to run, instead of two. SQLite has no such statements.
+    ``build(guard, expressions)`` gives the write as a Core statement.
+    ``guard`` is None when it runs as a statement of its own after the
+    server's write; else it is a SQL condition (the server's row was
+    changed) that the statement must carry. ``expressions`` ({column: SQL
+    expression}) are written instead of the values a call gives for those
+    columns (the id of a user written in the same statement).
+
+    On PostgreSQL the two writes run as one statement, a data-modifying
+    ``WITH``: one round trip and one statement for the server to run,
+    instead of two. SQLite has no such statements.
 
     :meth:`step` gives what a call of :meth:`Database.add_server`,
     :meth:`~Database.save_state` or :meth:`~Database.delete_server` takes as
@@ -350,7 +354,7 @@ class FollowUp:
     def __init__(self, db, build, columns=None):
         self._db = db
         self._build = build
-        self.alone = db.prepare(build(None), columns=columns)
+        self.alone = db.prepare(build(None, {}), columns=columns)
         # the prepared write of the server -> both as one statement
         self._merged = {}
 
@@ -360,25 +364,32 @@ class FollowUp:
         the server's write (the names the two share have the same values)"""
         return _Step(self, partial(make_values, *args, **kwargs))
 
-    def merged(self, base):
+    def merged(self, base, account=None):
         """The prepared server's write ``base`` and this one as one statement.
-        It returns the changed row's id, or no row."""
-        prepared = self._merged.get(base)
+        It returns the changed row's id, or no row.
+
+        ``account``: for the insert of a server, a ``WITH`` that writes its
+        user and returns the user's id; the statement returns it too."""
+        prepared = self._merged.get((base, account))
         if prepared is None:
             statement = base.statement
+            expressions = {}
+            if account is not None:
+                expressions["user_id"] = select(account.c.id).scalar_subquery()
             if base.columns:  # an INSERT that a call gives the values of
                 table = statement.table
-                statement = statement.values(
-                    {c: bindparam(c, type_=table.c[c].type) for c in base.columns}
-                )
+                statement = statement.values({
+                    c: expressions.get(c, bindparam(c, type_=table.c[c].type)) for c in base.columns
+                })  # fmt: skip
             if not base.returns_rows:
                 statement = statement.returning(statement.table.c.id)
             # (named, not changed.c.id: a statement once compiled keeps the
             # columns it returned then, none, in the copies made from it)
             changed = statement.cte("changed")
-            follow = self._build(exists().select_from(changed)).cte("follow")
-            merged = select(literal_column("id", Integer)).select_from(changed).add_cte(follow)
-            prepared = self._merged[base] = self._db.prepare(merged)
+            follow = self._build(exists().select_from(changed), expressions).cte("follow")
+            returned = [literal_column("id", Integer), *expressions.values()]
+            merged = select(*returned).select_from(changed).add_cte(follow)
+            prepared = self._merged[base, account] = self._db.prepare(merged)
         return prepared
 
 
@@ -417,6 +428,21 @@ _USER_BY_HUB_ID = select(User.id, User.name).where(
 _USER_RENAME = update(User).where(User.id == bindparam("uid")).values(name=bindparam("name"))
 _TAKE_ACCOUNTING_LOCK = update(Lease).where(Lease.name == ACCOUNTING_LOCK).values(owner="")
 _SERVER_UPDATE = update(Server).where(Server.id == bindparam("sid"))
+
+
+def _account_upsert():
+    """(PostgreSQL) a hub's user, created or renamed, as a ``WITH`` that
+    returns its id (new or known alike)"""
+    statement = postgresql_insert(User).values(
+        hub_id=bindparam("hub_id"), hub_user_id=bindparam("hub_user_id"), name=bindparam("user_name")
+    )
+    return (
+        statement.on_conflict_do_update(
+            index_elements=[User.hub_id, User.hub_user_id], set_={"name": statement.excluded.name}
+        )
+        .returning(User.id)
+        .cte("account")
+    )
 
 
 def _state_update(state, service, start_done):
@@ -533,6 +559,7 @@ class Database:
         self._dialect_insert = dialect_insert = sqlite_insert if self.is_sqlite else postgresql_insert
         # a server's write and the one that follows it as one statement (FollowUp)
         self.merges_writes = not self.is_sqlite
+        self._account = _account_upsert() if self.merges_writes else None
         self._status = self.prepare(_SERVER_STATUS)
         self._user_upsert = self.prepare(
             _insert_new(User, dialect_insert, [User.hub_id, User.hub_user_id]),
@@ -754,8 +781,10 @@ class Database:
 
     def _user(self, connection, hub_id, hub_user_id, user_name):
         """The id of a hub's user, created or renamed as needed: one statement
-        for a new user, two for a known one (no savepoint); none for the
-        users of the last ``USER_IDS_KEPT`` starts, whose ids are kept"""
+        for a new user, two for a known one (no savepoint). None are needed
+        for the users of the last ``USER_IDS_KEPT`` starts, whose ids are
+        kept; on PostgreSQL a start's user is written with its server (by
+        ``_account_upsert``, in the statement of the insert)."""
         values = {"hub_id": hub_id, "hub_user_id": hub_user_id, "name": user_name}
         _, row = self._user_upsert.execute(connection, values)
         if row is not None:
@@ -770,7 +799,9 @@ class Database:
             # the first write of this transaction: concurrent starts with
             # limits wait here, so the count below cannot be outdated
             self._take_accounting_lock.execute(connection, {})
-        if user_id is None:
+        # on PostgreSQL a user not known here is written with the server
+        with_user = user_id is None and check_limits is None and then is not None and self.merges_writes
+        if user_id is None and not with_user:
             user_id = self._user(connection, hub_id, record.hub_user_id, record.user_name)
         if check_limits is not None:
             check_limits(*self._counts_for(connection, user_id, record.flavor))
@@ -793,7 +824,14 @@ class Database:
             "end_warned": False,
             "owner": record.owner,
         }
-        _, inserted = self._write(connection, self._insert_server, row, then)
+        if with_user:
+            values = {**row, "hub_user_id": record.hub_user_id, "user_name": record.user_name,
+                      **then.make_values()}  # fmt: skip
+            inserted = then.kind.merged(self._insert_server, self._account).execute(connection, values)[1]
+            if inserted is not None:
+                user_id = inserted[1]
+        else:
+            _, inserted = self._write(connection, self._insert_server, row, then)
         if inserted is None:
             # the key exists: nothing was written but possibly a new user
             # (kept: it exists) and the lock

@@ -32,6 +32,10 @@ async def db(tmp_path):
         drop_databases([url])
 
 
+def record_user_id(db, record):
+    return db._user_ids[(db.hub_ids[record.hub], record.hub_user_id)][0]
+
+
 def stored(db, statement):
     with db.engine.connect() as connection:
         return connection.execute(statement).one()
@@ -132,9 +136,10 @@ async def test_a_starts_history_is_written_with_its_servers_writes_and_only_with
     ended = history.server_ended_step(hub_id, "lab", "s1")
     assert await db.delete_server(record.id, then=ended) is True
     assert row_of("s1")[0] == "stopped"
-    # on PostgreSQL each pair is one statement: a new user, then three
-    # writes of the server with their history; SQLite runs them one by one
-    assert len(statements) == (4 if ON_POSTGRES else 7)
+    # on PostgreSQL each write of the server is one statement with its
+    # history (the insert with its new user too); SQLite runs them one by one
+    assert len(statements) == (3 if ON_POSTGRES else 7)
+    assert stored(db, select(User.name).where(User.id == record_user_id(db, record)))[0] == "ann"
 
     # where the server's write changes nothing, its history is not written
     again = ServerRecord.new("hub-a", "lab", "s1", "ann", "7", "x.Spawner", flavor="large")
@@ -152,3 +157,13 @@ async def test_a_starts_history_is_written_with_its_servers_writes_and_only_with
     ended = history.server_ended_step(hub_id, "lab", "s1")
     assert await db.delete_server(again.id, then=ended) is False
     assert row_of("s1")[0] == "starting"
+
+    # a known user this process does not remember, renamed at the hub: the
+    # same row, renamed, for the server and its history
+    db._user_ids.clear()
+    renamed = ServerRecord.new("hub-a", "lab", "s2", "ann-2", "7", "x.Spawner")
+    await db.add_server(renamed, {}, then=history.begin_row)
+    user_id = stored(db, select(Server.user_id).where(Server.id == renamed.id))[0]
+    assert stored(db, select(User.id, User.name).where(User.hub_user_id == "7")) == (user_id, "ann-2")
+    assert stored(db, select(StartRecord.user_id).where(StartRecord.start_id == "s2"))[0] == user_id
+    assert record_user_id(db, renamed) == user_id
