@@ -693,8 +693,8 @@ class Database:
         return _Statement(statement, self.engine.dialect, columns)
 
     def follow_up(self, build, columns=None):
-        """A :class:`FollowUp` write, built by ``build(guard)``; ``columns``
-        as for :meth:`prepare`"""
+        """A :class:`FollowUp` write, built by ``build(guard, expressions)``;
+        ``columns`` as for :meth:`prepare`"""
         return FollowUp(self, build, columns)
 
     def _write(self, connection, base, values, then=None):
