@@ -697,16 +697,17 @@ class Database:
         ``columns`` as for :meth:`prepare`"""
         return FollowUp(self, build, columns)
 
-    def _write(self, connection, base, values, then=None):
+    def _write(self, connection, base, values, then=None, account=None):
         """Run the prepared server's write ``base`` with ``values``, and the
         step ``then`` of a :class:`FollowUp` if it changed a row: (whether
-        a row changed, the first row ``base`` returned or None)"""
+        a row changed, the first row ``base`` returned or None).
+        ``account``: see :meth:`FollowUp.merged` (PostgreSQL only)."""
         if then is None:
             changed, row = base.execute(connection, values)
             return changed > 0 or row is not None, row
         values = {**values, **then.make_values()}
         if self.merges_writes:
-            row = then.kind.merged(base).execute(connection, values)[1]
+            row = then.kind.merged(base, account).execute(connection, values)[1]
             return row is not None, row
         changed, row = base.execute(connection, values)
         changed = changed > 0 or row is not None
@@ -825,20 +826,16 @@ class Database:
             "owner": record.owner,
         }
         if with_user:
-            values = {**row, "hub_user_id": record.hub_user_id, "user_name": record.user_name,
-                      **then.make_values()}  # fmt: skip
-            inserted = then.kind.merged(self._insert_server, self._account).execute(connection, values)[1]
-            if inserted is not None:
-                user_id = inserted[1]
-        else:
-            _, inserted = self._write(connection, self._insert_server, row, then)
+            row.update(hub_user_id=record.hub_user_id, user_name=record.user_name)
+        account = self._account if with_user else None
+        _, inserted = self._write(connection, self._insert_server, row, then, account)
         if inserted is None:
             # the key exists: nothing was written but possibly a new user
             # (kept: it exists) and the lock
             raise ServerExistsError(
                 f"Server {record.name!r} with start_id {record.start_id!r} already exists"
             )
-        return inserted[0], user_id, now
+        return inserted[0], inserted[1] if with_user else user_id, now
 
     def _counts_for(self, connection, user_id, flavor):
         """(servers of flavor, the user's of flavor, the user's in all); stopping ones excluded"""
