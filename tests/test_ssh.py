@@ -811,3 +811,52 @@ async def test_polls_stay_fast_during_a_bulk_transfer(processes, fake_hub, keys,
         assert busy_p99 < 0.05
     finally:
         await ssh.exit()
+
+
+class _DeadConnectionChannel:
+    """Stands in for a paramiko Channel whose connection's socket is gone:
+    paramiko's close() then raises EOFError (seen in a suite run, when a
+    hub's connection ended while its session thread closed its channels)"""
+
+    def __init__(self, chanid):
+        self.chanid = chanid
+        self.closes = 0
+
+    def get_id(self):
+        return self.chanid
+
+    def close(self):
+        self.closes += 1
+        raise EOFError()
+
+
+@database_independent
+def test_a_session_whose_connection_is_gone_still_closes_everything():
+    from jupyterhub_outpost.ssh.forwarding import ForwardingSession, _Pipe
+
+    class _EndedTransport:
+        def is_active(self):
+            return False
+
+    session = ForwardingSession(_EndedTransport(), "hub-a", logging.getLogger("test"), 1 << 20)
+    pairs = [socket.socketpair() for _ in range(3)]
+    channels = [_DeadConnectionChannel(i) for i in range(3)]
+    for chan, (sock, _) in zip(channels, pairs):
+        session.pipes[chan.get_id()] = _Pipe(chan, sock, ("127.0.0.1", 9), ("hub-a", "lab", "s1"))
+    errors = []
+    session.thread = threading.Thread(target=lambda: _run_catching(session._run, errors))
+    session.thread.start()
+    session.thread.join(10)
+    assert not session.thread.is_alive() and errors == []
+    assert session.pipes == {} and all(chan.closes == 1 for chan in channels)
+    assert all(sock.fileno() == -1 for sock, _ in pairs)
+    assert session._wake_r.fileno() == -1 and session._wake_w.fileno() == -1
+    for _, peer in pairs:
+        peer.close()
+
+
+def _run_catching(fn, errors):
+    try:
+        fn()
+    except BaseException as e:  # what would have killed the session's thread
+        errors.append(e)

@@ -296,7 +296,10 @@ class ForwardingSession:
         pipe.masks = {}
         self.pipes.pop(pipe.chan.get_id(), None)
         pipe.sock.close()
-        pipe.chan.close()
+        try:
+            pipe.chan.close()
+        except (EOFError, OSError):
+            pass  # the hub's connection is gone: there is no one to tell
 
 
 def _shutdown_write(sock):
