@@ -26,6 +26,16 @@ the calls were made:
   arguments, safe to run again after a rollback.
 - A call whose caller was cancelled before its batch began is not run.
 
+Most writes of starts and stops are one statement whose reply only makes
+the call's result: a start's insert, the save that ends it, a stop's claim
+and the deletion. They are queued as ``pipelined`` and return a
+:class:`Later`. Where the database can (psycopg's pipeline mode on
+PostgreSQL), the statements of such calls in a row go to the server
+together and their replies are read once, after the last: a batch of 20
+takes two round trips (the replies, the commit) instead of 21. The results
+are made from the replies before the commit; a call that is not pipelined
+first waits for the replies of those before it.
+
 Each writer thread keeps its connection between batches (no pool checkout
 per transaction). A connection to a database server that sat idle for more
 than ``IDLE_PING`` seconds is pinged before its next batch (a restarted
@@ -34,6 +44,7 @@ again on new ones.
 """
 
 import collections
+import contextlib
 import threading
 import time
 
@@ -66,13 +77,17 @@ class GroupCommit:
             caller instead (e.g. connection errors), or None to raise as is
         observe: ``observe(seconds, failed)`` after each call, in its thread
             (seconds: the call's transaction, begin to commit), or None
+        pipeline: ``pipeline(connection)`` -> a context manager: the
+            statements sent within it go to the server together, its end
+            reads their replies; or None (each statement waits for its reply)
     """
 
     def __init__(
         self, engine, executor, workers, translate=None, observe=None,
-        max_batch=MAX_BATCH, spread_after=SPREAD_AFTER,
+        max_batch=MAX_BATCH, spread_after=SPREAD_AFTER, pipeline=None,
     ):  # fmt: skip
         self.engine = engine
+        self.pipeline = pipeline
         self.executor = executor
         self.workers = workers
         self.translate = translate
@@ -89,11 +104,14 @@ class GroupCommit:
         self.batches = 0
         self.calls = 0
 
-    def submit(self, loop, fn, args):
-        """Queue ``fn(connection, *args)``; an asyncio future of ``loop`` for its result"""
+    def submit(self, loop, fn, args, pipelined=False):
+        """Queue ``fn(connection, *args)``; an asyncio future of ``loop`` for its result.
+
+        ``pipelined``: ``fn`` sends one statement and returns a
+        :class:`Later` of its result, without waiting for the reply."""
         future = loop.create_future()
         with self._lock:
-            self._queue.append((future, fn, args))
+            self._queue.append((future, fn, args, pipelined))
             start = self._draining == 0
             if start:
                 self._draining = 1
@@ -136,7 +154,7 @@ class GroupCommit:
             try:
                 results = self._run_batch(batch)
             except BaseException as e:  # a bug here must not leave callers waiting
-                results = [(future, None, e) for future, _, _ in batch]
+                results = [(future, None, e) for future, *_ in batch]
             loop.call_soon_threadsafe(_deliver, results)
 
     def _run_batch(self, batch):
@@ -147,13 +165,31 @@ class GroupCommit:
             try:
                 connection = self._connection()
                 with connection.begin():
-                    results = [(future, fn(connection, *args), None) for future, fn, args in batch]
+                    results = self._calls(connection, batch)
             except Exception as e:
                 self._after_error(e)  # and each call again on its own, below
             else:
                 self._observed(time.perf_counter() - began, False, len(batch))
                 return results
         return [self._run_alone(*call) for call in batch]
+
+    def _calls(self, connection, batch):
+        """Run the calls of a batch in the transaction of ``connection``; the
+        statements of pipelined calls in a row are sent together, and their
+        replies read after the last"""
+        results = []
+        with contextlib.ExitStack() as stack:
+            sending = False  # in a pipeline
+            for future, fn, args, pipelined in batch:
+                if pipelined and self.pipeline is not None:
+                    if not sending:
+                        stack.enter_context(self.pipeline(connection))
+                        sending = True
+                elif sending:
+                    stack.close()  # the replies so far, before this call's statements
+                    sending = False
+                results.append(fn(connection, *args))
+        return [(future, _settled(result), None) for (future, *_), result in zip(batch, results)]
 
     def _connection(self):
         connection = getattr(self._local, "connection", None)
@@ -201,13 +237,13 @@ class GroupCommit:
             _close(connection)
 
 
-    def _run_alone(self, future, fn, args):
+    def _run_alone(self, future, fn, args, _pipelined):
         self.batches += 1
         began, error, result = time.perf_counter(), None, None
         try:
             connection = self._connection()
             with connection.begin():
-                result = fn(connection, *args)
+                result = _settled(fn(connection, *args))
         except Exception as e:
             self._after_error(e)
             translated = self.translate(e) if self.translate is not None else None
@@ -221,6 +257,25 @@ class GroupCommit:
         if self.observe is not None:
             for _ in range(calls):
                 self.observe(seconds, failed)
+
+
+class Later:
+    """The result of a call that sent its statement: ``settle()`` reads the
+    reply and gives the result (or raises), once the batch's statements
+    are all sent"""
+
+    __slots__ = ("settle",)
+
+    def __init__(self, settle):
+        self.settle = settle
+
+    def then(self, fn):
+        """A Later of ``fn(this one's result)``"""
+        return Later(lambda: fn(self.settle()))
+
+
+def _settled(result):
+    return result.settle() if isinstance(result, Later) else result
 
 
 def _deliver(results):

@@ -10,6 +10,7 @@ decrypted in the worker threads, and only when a call needs them.
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import threading
@@ -49,7 +50,7 @@ from sqlalchemy.exc import InterfaceError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .errors import DatabaseUnavailableError, ServerExistsError
-from .groupcommit import GroupCommit
+from .groupcommit import GroupCommit, Later
 from .utils import as_utc, remember, utcnow
 
 log = logging.getLogger(__name__)
@@ -314,6 +315,14 @@ class _Statement:
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(self.sql, params)
+        except BaseException:
+            cursor.close()
+            raise
+        return self._reply(cursor)
+
+    def _reply(self, cursor):
+        """(rows changed, the first row returned or None) of ``cursor``, closed"""
+        try:
             row = cursor.fetchone() if self.returns_rows else None
             return cursor.rowcount, row
         finally:
@@ -322,11 +331,30 @@ class _Statement:
     def execute(self, connection, values):
         """Run in the transaction of ``connection`` (a SQLAlchemy
         Connection): (rows changed, the first row returned or None)"""
+        return self.send(connection, values).settle()
+
+    def send(self, connection, values):
+        """Send in the transaction of ``connection``: a :class:`Later` of
+        what :meth:`execute` returns. In a pipeline (PostgreSQL), the reply
+        is read when it is settled."""
         params = self.params(values)
+        cursor = connection.connection.dbapi_connection.cursor()
         try:
-            return self.run(connection.connection.dbapi_connection, params)
+            cursor.execute(self.sql, params)
         except self._error as e:
-            raise DBAPIError.instance(self.sql, params, e, self._error, dialect=self.dialect) from e
+            cursor.close()
+            raise self._wrapped(e, params) from e
+
+        def settle():
+            try:
+                return self._reply(cursor)
+            except self._error as e:
+                raise self._wrapped(e, params) from e
+
+        return Later(settle)
+
+    def _wrapped(self, e, params):
+        return DBAPIError.instance(self.sql, params, e, self._error, dialect=self.dialect)
 
 
 class FollowUp:
@@ -553,9 +581,12 @@ class Database:
         self._local = threading.local()
         self._readers = set()
         self._readers_lock = threading.Lock()
+        # the statements of a batch's writes sent together (psycopg's pipeline mode)
+        pipelines = self.engine.dialect.driver == "psycopg" and dbapi.Pipeline.is_supported()
         self.writes = GroupCommit(
-            self.engine, self.executor, workers, self._translate, self._observe_write
-        )
+            self.engine, self.executor, workers, self._translate, self._observe_write,
+            pipeline=self._pipeline if pipelines else None,
+        )  # fmt: skip
         self._dialect_insert = dialect_insert = sqlite_insert if self.is_sqlite else postgresql_insert
         # a server's write and the one that follows it as one statement (FollowUp)
         self.merges_writes = not self.is_sqlite
@@ -583,10 +614,23 @@ class Database:
         # called with (kind, seconds, failed) after each call, in its thread
         self.observer = None
 
-    async def _run(self, fn, *args):
+    async def _run(self, fn, *args, pipelined=False):
         """Run ``fn(connection, *args)`` in a writer thread, in a transaction
-        (shared with the writes queued meanwhile: :mod:`.groupcommit`)"""
-        return await self.writes.submit(asyncio.get_running_loop(), fn, args)
+        (shared with the writes queued meanwhile: :mod:`.groupcommit`).
+        ``pipelined``: ``fn`` sends one statement and returns a
+        :class:`~.groupcommit.Later` of its result."""
+        return await self.writes.submit(asyncio.get_running_loop(), fn, args, pipelined)
+
+    @contextlib.contextmanager
+    def _pipeline(self, connection):
+        """(psycopg) the statements sent meanwhile go to the server together;
+        their replies are read at the end"""
+        dbapi = self.engine.dialect.loaded_dbapi
+        try:
+            with connection.connection.dbapi_connection.pipeline():
+                yield
+        except dbapi.Error as e:
+            raise DBAPIError.instance("(pipeline)", None, e, dbapi.Error, dialect=self.engine.dialect) from e
 
     def _translate(self, e):
         if isinstance(e, (OperationalError, InterfaceError)):
@@ -699,21 +743,19 @@ class Database:
 
     def _write(self, connection, base, values, then=None, account=None):
         """Run the prepared server's write ``base`` with ``values``, and the
-        step ``then`` of a :class:`FollowUp` if it changed a row: (whether
-        a row changed, the first row ``base`` returned or None).
-        ``account``: see :meth:`FollowUp.merged` (PostgreSQL only)."""
+        step ``then`` of a :class:`FollowUp` if it changed a row: a
+        :class:`~.groupcommit.Later` of (whether a row changed, the first
+        row ``base`` returned or None). On PostgreSQL this sends one
+        statement. ``account``: see :meth:`FollowUp.merged` (PostgreSQL only)."""
         if then is None:
-            changed, row = base.execute(connection, values)
-            return changed > 0 or row is not None, row
+            return base.send(connection, values).then(_changed)
         values = {**values, **then.make_values()}
         if self.merges_writes:
-            row = then.kind.merged(base, account).execute(connection, values)[1]
-            return row is not None, row
-        changed, row = base.execute(connection, values)
-        changed = changed > 0 or row is not None
+            return then.kind.merged(base, account).send(connection, values).then(_merged_changed)
+        changed, row = _changed(base.execute(connection, values))
         if changed:
             then.kind.alone.execute(connection, values)
-        return changed, row
+        return Later(lambda: (changed, row))
 
     def insert_or_replace(self, table, key, reset=None, rows=None):
         """A prebuilt ``INSERT`` into ``table`` (an ORM class) that, when a row
@@ -772,9 +814,12 @@ class Database:
         key = (hub_id, record.hub_user_id)
         known = self._user_ids.get(key)
         user_id = known[0] if known and known[1] == record.user_name else None
+        # one statement on PostgreSQL, but for limits to check or a user to write on its own
+        pipelined = check_limits is None and (user_id is not None or then is not None)
         record.id, user_id, record.started = await self._run(
-            self._add_server, hub_id, user_id, record, request, state, check_limits, then
-        )
+            self._add_server, hub_id, user_id, record, request, state, check_limits, then,
+            pipelined=pipelined,
+        )  # fmt: skip
         record.last_update = record.started
         # kept only now: the transaction that created the user is committed
         remember(self._user_ids, key, (user_id, record.user_name), USER_IDS_KEPT)
@@ -828,14 +873,18 @@ class Database:
         if with_user:
             row.update(hub_user_id=record.hub_user_id, user_name=record.user_name)
         account = self._account if with_user else None
-        _, inserted = self._write(connection, self._insert_server, row, then, account)
-        if inserted is None:
-            # the key exists: nothing was written but possibly a new user
-            # (kept: it exists) and the lock
-            raise ServerExistsError(
-                f"Server {record.name!r} with start_id {record.start_id!r} already exists"
-            )
-        return inserted[0], inserted[1] if with_user else user_id, now
+
+        def inserted(result):
+            row = result[1]
+            if row is None:
+                # the key exists: nothing was written but possibly a new user
+                # (kept: it exists) and the lock
+                raise ServerExistsError(
+                    f"Server {record.name!r} with start_id {record.start_id!r} already exists"
+                )
+            return row[0], row[1] if with_user else user_id, now
+
+        return self._write(connection, self._insert_server, row, then, account).then(inserted)
 
     def _counts_for(self, connection, user_id, flavor):
         """(servers of flavor, the user's of flavor, the user's in all); stopping ones excluded"""
@@ -970,7 +1019,7 @@ class Database:
         """Store the spawner's state (None: keep the stored one) and, when a
         start finished, its address. True when the record was updated; then
         ``then``, a step of a :class:`FollowUp`, is written with it."""
-        return await self._run(self._save_state, server_id, state, service, start_done, then)
+        return await self._run(self._save_state, server_id, state, service, start_done, then, pipelined=True)
 
     def _save_state(self, connection, server_id, state, service, start_done, then=None):
         params = {"sid": server_id, "last_update": utcnow()}
@@ -979,15 +1028,15 @@ class Database:
         if service is not None:
             params["service"] = service
         statement = self._save_state_statements[state is not None, service is not None, start_done]
-        return self._write(connection, statement, params, then)[0]
+        return self._write(connection, statement, params, then).then(_first)
 
     async def claim_stop(self, server_id, owner):
         """Mark a running server as stopping by ``owner``. True if this call set the flag."""
-        return await self._run(self._claim_stop, server_id, owner)
+        return await self._run(self._claim_stop, server_id, owner, pipelined=True)
 
     def _claim_stop(self, connection, server_id, owner):
         params = {"sid": server_id, "me": owner, "last_update": utcnow()}
-        return self._claim_stop_statement.execute(connection, params)[0] == 1
+        return self._claim_stop_statement.send(connection, params).then(_one_changed)
 
     async def request_stop(self, server_id):
         """Ask the process that starts a server to end that start.
@@ -1049,10 +1098,10 @@ class Database:
     async def delete_server(self, server_id, then=None):
         """Forget a server. True if it was still recorded; then ``then``, a
         step of a :class:`FollowUp`, is written with its deletion."""
-        return await self._run(self._delete_server, server_id, then)
+        return await self._run(self._delete_server, server_id, then, pipelined=True)
 
     def _delete_server(self, connection, server_id, then=None):
-        return self._write(connection, self._delete_server_statement, {"sid": server_id}, then)[0]
+        return self._write(connection, self._delete_server_statement, {"sid": server_id}, then).then(_first)
 
     # leases for background work, and the runtime of servers
 
@@ -1124,6 +1173,24 @@ class Database:
     def _mark_end_warned(self, connection, server_id):
         connection.execute(update(Server).where(Server.id == server_id).values(end_warned=True))
 
+
+
+def _first(result):
+    return result[0]
+
+
+def _one_changed(result):
+    return result[0] == 1
+
+
+def _changed(result):
+    changed, row = result
+    return changed > 0 or row is not None, row
+
+
+def _merged_changed(result):
+    row = result[1]
+    return row is not None, row
 
 
 def _unavailable(e):

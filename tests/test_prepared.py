@@ -2,7 +2,9 @@
 DBAPI connection: what they store reads back through SQLAlchemy as it was
 given, and their errors are SQLAlchemy's"""
 
+import asyncio
 import logging
+import threading
 from datetime import timedelta
 
 import pytest
@@ -94,6 +96,11 @@ async def test_errors_of_the_driver_are_raised_as_sqlalchemy_errors(db):
     await db.add_server(record, {})
     assert record.id is not None
 
+    # the same, sent in a batch with another write (PostgreSQL: in one pipeline)
+    results = await in_one_batch(db, db._run(bad.send, row, pipelined=True), db.save_state(record.id, {"pid": 5}))
+    assert isinstance(results[0], IntegrityError) and results[1] is True
+    assert (await db.get_server("hub-a", "lab", "s1", secrets=True)).state == {"pid": 5}
+
 
 def test_a_column_with_a_python_default_must_be_given(db):
     with pytest.raises(ValueError, match="outcome"):
@@ -116,8 +123,8 @@ async def test_the_ids_of_the_latest_users_only_are_kept(db, monkeypatch):
 async def test_a_starts_history_is_written_with_its_servers_writes_and_only_with_them(db, monkeypatch):
     history = StartHistory(db)
     statements = []
-    run = orm._Statement.run
-    monkeypatch.setattr(orm._Statement, "run", lambda self, *a: statements.append(self) or run(self, *a))
+    send = orm._Statement.send
+    monkeypatch.setattr(orm._Statement, "send", lambda self, *a: statements.append(self) or send(self, *a))
 
     def row_of(start_id):
         return stored(db, select(StartRecord.outcome, StartRecord.flavor, StartRecord.data)
@@ -167,3 +174,62 @@ async def test_a_starts_history_is_written_with_its_servers_writes_and_only_with
     assert stored(db, select(User.id, User.name).where(User.hub_user_id == "7")) == (user_id, "ann-2")
     assert stored(db, select(StartRecord.user_id).where(StartRecord.start_id == "s2"))[0] == user_id
     assert record_user_id(db, renamed) == user_id
+
+
+async def in_one_batch(db, *calls):
+    """The results of ``calls`` (coroutines of db's writes), queued behind a
+    write that holds the writer: they run as one batch"""
+    loop = asyncio.get_running_loop()
+    running, release = threading.Event(), threading.Event()
+    held = db.writes.submit(loop, lambda connection: running.set() or release.wait(10), ())
+    assert await loop.run_in_executor(None, running.wait, 10)
+    batch = asyncio.gather(*calls, return_exceptions=True)
+    await asyncio.sleep(0.05)  # all queued
+    release.set()
+    assert await held is True
+    return await batch
+
+
+async def test_a_burst_of_starts_and_stops_is_sent_together_and_each_gets_its_own_answer(db, monkeypatch):
+    history = StartHistory(db)
+    pipelines = []
+    if ON_POSTGRES:  # the statements of a batch go out together
+        pipeline = db._pipeline
+        monkeypatch.setattr(db.writes, "pipeline", lambda c: pipelines.append(c) or pipeline(c))
+    first = ServerRecord.new("hub-a", "lab", "s0", "ann", "7", "x.Spawner")
+    await db.add_server(first, {})  # ann's id is kept: her next starts are one statement each
+    batches = db.writes.batches
+
+    records = [ServerRecord.new("hub-a", "lab", f"s{i}", "ann", "7", "x.Spawner") for i in range(1, 6)]
+    results = await in_one_batch(
+        db,
+        *(db.add_server(r, {}, then=history.begin_row) for r in records),
+        db.save_state(first.id, {"pid": 2}, service="127.0.0.1:9", start_done=True),
+        # not sent with the others: it sees what the calls before it wrote
+        # (the start ended: no start to stop)
+        db.request_stop(first.id),
+        db.claim_stop(first.id, "me"),
+        db.delete_server(first.id),
+        db.save_state(10**6, {"pid": 3}),  # no such server
+    )
+    assert db.writes.batches == batches + 2  # the holding write, then all in one
+    # each call has its own answer, as if it had run alone, in order
+    assert results == [*records, True, False, True, True, False]
+    assert len({r.id for r in records}) == 5
+    for r in records:
+        again = await db.get_server("hub-a", "lab", r.start_id)
+        assert again.id == r.id and again.start_pending is True
+        assert stored(db, select(StartRecord.outcome).where(StartRecord.start_id == r.start_id))[0] == "starting"
+    assert await db.get_server("hub-a", "lab", "s0") is None
+    if ON_POSTGRES:  # two runs of statements sent together, around the one that is not
+        assert len(pipelines) == 2
+
+    # a start refused in a batch (its key exists) sends the batch back to run
+    # call by call: the others are written all the same
+    taken = ServerRecord.new("hub-a", "lab", "s1", "ann", "7", "x.Spawner")
+    new = ServerRecord.new("hub-a", "lab", "s6", "ann", "7", "x.Spawner")
+    results = await in_one_batch(db, db.save_state(records[0].id, {"pid": 4}), db.add_server(taken, {}),
+                                 db.add_server(new, {}))  # fmt: skip
+    assert results[0] is True and isinstance(results[1], orm.ServerExistsError) and results[2] is new
+    assert (await db.get_server("hub-a", "lab", "s1", secrets=True)).state == {"pid": 4}
+    assert (await db.get_server("hub-a", "lab", "s6")).id == new.id
