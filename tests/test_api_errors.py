@@ -11,11 +11,14 @@ import json
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
+from jupyterhub_outpost.handlers.services import parse_start_request
+
 from .conftest import outpost_config, start_outpost, stop_outpost
 from .utils import (
     api_request,
     base_url_of,
     basic_auth,
+    database_independent,
     json_of,
     pid_alive,
     pids_with_env,
@@ -379,3 +382,12 @@ async def test_unknown_and_protected_overrides_are_ignored(guarded_app, fake_hub
     assert response.code == 200, response.body
     await wait_until(lambda: not any(map(pid_alive, pids)), timeout=30, message="process ended")
     assert await listing(guarded_app) == []
+
+
+@database_independent
+def test_the_env_names_of_all_starts_are_kept_once():
+    # a running server keeps its env: its names, the same in every start, are shared
+    bodies = [json.dumps(start_body("http://127.0.0.1:9", user=user, name="lab")) for user in ("ann", "bob")]
+    first, second = (parse_start_request(json.loads(text))["request"]["env"] for text in bodies)
+    assert first.keys() == second.keys() and first != second
+    assert all(a is b for a, b in zip(first, second))
