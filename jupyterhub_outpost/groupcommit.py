@@ -31,8 +31,8 @@ the call's result: a start's insert, the save that ends it, a stop's claim
 and the deletion. They are queued as ``pipelined`` and return a
 :class:`Later`. Where the database can (psycopg's pipeline mode on
 PostgreSQL), the statements of such calls in a row go to the server
-together and their replies are read once, after the last: a batch of 20
-takes two round trips (the replies, the commit) instead of 21. The results
+together and their replies are read once, after the last: a batch takes
+two round trips (the replies, the commit), not one per write. The results
 are made from the replies before the commit; a call that is not pipelined
 first waits for the replies of those before it.
 

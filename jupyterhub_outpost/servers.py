@@ -16,6 +16,7 @@ import html
 import inspect
 import os
 import shutil
+import sys
 import weakref
 from functools import partial
 
@@ -199,7 +200,9 @@ class ServerManager(LoggingConfigurable):
         """A Spawner configured from the config file and the start request
         (its secrets registered with the log filter, unless the caller
         registers them itself)"""
-        env = request["env"]
+        # a running server keeps its env: the variables' names, the same in
+        # all starts (10-30 of them), are kept once, not once per server
+        env = request["env"] = {sys.intern(k): v for k, v in request["env"].items()}
         hub = self._hub_object(env)
         # the local account; JUPYTERHUB_USER in the env stays the hub's name
         account = request.get("account") or env.get("JUPYTERHUB_USER", record.user_name)

@@ -11,7 +11,7 @@ import json
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from jupyterhub_outpost.handlers.services import parse_start_request
+from jupyterhub_outpost.orm import ServerRecord
 
 from .conftest import outpost_config, start_outpost, stop_outpost
 from .utils import (
@@ -385,9 +385,14 @@ async def test_unknown_and_protected_overrides_are_ignored(guarded_app, fake_hub
 
 
 @database_independent
-def test_the_env_names_of_all_starts_are_kept_once():
-    # a running server keeps its env: its names, the same in every start, are shared
-    bodies = [json.dumps(start_body("http://127.0.0.1:9", user=user, name="lab")) for user in ("ann", "bob")]
-    first, second = (parse_start_request(json.loads(text))["request"]["env"] for text in bodies)
+async def test_the_env_names_of_all_servers_are_kept_once(app):
+    # a running server keeps its env: its names, the same in every start
+    # (or restored record), are shared
+    envs = []
+    for user in ("ann", "bob"):
+        request = json.loads(json.dumps({"env": start_body("http://127.0.0.1:9", user=user)["env"]}))
+        record = ServerRecord.new("hub-a", "lab", user, user, "1", "x.Spawner")
+        envs.append(app.server_manager.build_spawner(record, request, register_secrets=False).env)
+    first, second = envs
     assert first.keys() == second.keys() and first != second
     assert all(a is b for a, b in zip(first, second))

@@ -1,7 +1,5 @@
 """The servers of one hub: start, list, poll, stop (``/services``)."""
 
-import sys
-
 from tornado import web
 
 from ..utils import BUNDLE_NAME_RE, SERVER_NAME_RE, START_ID_RE, USER_NAME_RE
@@ -81,9 +79,6 @@ def parse_start_request(body):
     env = _check_string_map(body, "env")
     if len(env) > _LIMITS["env"]:
         raise _bad("'env' has too many entries")
-    # a running server keeps its env: the variables' names, the same in all
-    # starts, are kept once (there are 10-30 of them)
-    env = {sys.intern(k): v for k, v in env.items()}
     check_user_name(env)
     user_options = _check_object(body, "user_options")
     if "start_id" not in user_options:
