@@ -131,6 +131,11 @@ def proc_cpu_seconds(pid):
     return proc_name_and_cpu(pid)[1]
 
 
+def loop_thread_cpu_seconds(pid):
+    """CPU seconds of the main thread of process ``pid`` (the Outpost's event loop)"""
+    return proc_name_and_cpu(f"{pid}/task/{pid}")[1]
+
+
 def proc_status(pid):
     values = {}
     with open(f"/proc/{pid}/status") as f:
@@ -164,16 +169,16 @@ def postgres_cpu_seconds():
 
 
 class Meter:
-    """Wall time and CPU use of the Outpost, of this client, of the
-    PostgreSQL server, and of the rest of the machine (other processes
-    compete for the same cores)"""
+    """Wall time and CPU use of the Outpost (and of its event loop's thread),
+    of this client, of the PostgreSQL server, and of the rest of the machine
+    (other processes compete for the same cores)"""
 
     def __init__(self, pid):
         self.pid = pid
 
     def _sample(self):
         return (time.perf_counter(), proc_cpu_seconds(self.pid), time.process_time(),
-                machine_busy_seconds(), postgres_cpu_seconds())  # fmt: skip
+                machine_busy_seconds(), postgres_cpu_seconds(), loop_thread_cpu_seconds(self.pid))  # fmt: skip
 
     def __enter__(self):
         self._begin = self._sample()
@@ -181,7 +186,7 @@ class Meter:
 
     def __exit__(self, *exc):
         end = self._sample()
-        self.wall, self.server_cpu, self.client_cpu, machine, postgres = (
+        self.wall, self.server_cpu, self.client_cpu, machine, postgres, self.loop_cpu = (
             b - a for a, b in zip(self._begin, end)
         )
         # backends that exited meanwhile are missing: a lower bound

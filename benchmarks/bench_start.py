@@ -176,6 +176,11 @@ async def part_cost(args, db_label, db_context):
     print(f"   starts of distinct users: {writes / max(1, len(new)):.2f} database writes per start in "
           f"{transactions / max(1, len(new)):.2f} transactions ({writes / max(1, transactions):.1f} writes "
           f"per transaction)")
+    for label, meter, n in (("distinct", m_new, len(new)), ("returning", m_back, len(back))):
+        # below 100 % while starts run: the loop waits (for the database, say), not the starts for it
+        print(f"   starts of {label} users: the event loop's thread was busy {100 * meter.loop_cpu / meter.wall:.0f} % "
+              f"of the time ({ms(meter.loop_cpu / max(1, n)):.2f} ms CPU per start), the other threads "
+              f"{ms((meter.server_cpu - meter.loop_cpu) / max(1, n)):.2f} ms per start")
     print(f"   unexpected statuses: {errors or 'none'}; Outpost log: {len(run.warnings)} warnings")
     for line in run.warnings[:3]:
         print(f"     {line[:200]}")
