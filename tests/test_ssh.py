@@ -829,6 +829,11 @@ class _DeadConnectionChannel:
         self.closes += 1
         raise EOFError()
 
+    eof_sent = False
+
+    def shutdown_write(self):
+        raise EOFError()
+
 
 @database_independent
 def test_a_session_whose_connection_is_gone_still_closes_everything():
@@ -860,3 +865,97 @@ def _run_catching(fn, errors):
         fn()
     except BaseException as e:  # what would have killed the session's thread
         errors.append(e)
+
+
+class _HandedOverChannel:
+    """Stands in for the channel paramiko hands over to a session's thread
+    once the transport thread allowed it"""
+
+    def __init__(self, chanid, sock):
+        self.chanid = chanid
+        self.sock = sock
+        self.timeout = None
+        self.closed = False
+
+    def get_id(self):
+        return self.chanid
+
+    def settimeout(self, timeout):
+        self.timeout = timeout
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def close(self):
+        self.closed = True
+
+
+@database_independent
+def test_a_forward_being_handed_over_counts_against_the_limit(monkeypatch):
+    # the transport thread checks a connection's forwards against
+    # ssh_max_channels_per_connection while the session's thread takes over
+    # those it allowed; counted as neither, one more would get in (seen in a
+    # suite run: the 21st forward of 20 allowed was opened)
+    from jupyterhub_outpost.ssh import forwarding
+
+    class _Transport:
+        def __init__(self, chan):
+            self.chan = chan
+
+        def accept(self, timeout):
+            chan, self.chan = self.chan, None
+            return chan
+
+    seen, checks = [], []
+
+    class _Pipe(forwarding._Pipe):
+        def __init__(self, *args):
+            super().__init__(*args)
+            # what the transport thread sees while the session takes this one over
+            checks.append(threading.Thread(target=lambda: seen.append(session.open_count)))
+            checks[-1].start()
+            checks[-1].join(0.5)
+
+    monkeypatch.setattr(forwarding, "_Pipe", _Pipe)
+    chan_sock, chan_peer = socket.socketpair()
+    dest_sock, dest_peer = socket.socketpair()
+    chan = _HandedOverChannel(7, chan_sock)
+    session = forwarding.ForwardingSession(_Transport(chan), "hub-a", logging.getLogger("test"), 1 << 20)
+    session._offered[7] = (dest_sock, ("127.0.0.1", 9), ("hub-a", "lab", "s1"))
+    try:
+        session._accept_offered()
+        checks[0].join(10)
+        assert seen == [1] and session.open_count == 1 and chan.timeout == 0.0 and not chan.closed
+    finally:
+        for sock in (chan_sock, chan_peer, dest_sock, dest_peer):
+            sock.close()
+        session._selector.close()
+        session._wake_r.close()
+        session._wake_w.close()
+
+
+@database_independent
+def test_a_server_that_ends_its_forward_after_the_hub_left_ends_nothing_else():
+    # the server closes its side; telling the hub (shutdown_write) fails, since
+    # its connection is gone: this forward is closed, the session goes on
+    # (seen in a suite run: the session's thread died of the EOFError)
+    from jupyterhub_outpost.ssh.forwarding import _READ, ForwardingSession, _Pipe
+
+    class _Transport:
+        def is_active(self):
+            return True
+
+    session = ForwardingSession(_Transport(), "hub-a", logging.getLogger("test"), 1 << 20)
+    sock, server_side = socket.socketpair()
+    sock.setblocking(False)
+    chan = _DeadConnectionChannel(3)
+    pipe = session.pipes[3] = _Pipe(chan, sock, ("127.0.0.1", 9), ("hub-a", "lab", "s1"))
+    server_side.close()  # the server ended the connection
+    try:
+        session._step(pipe, "sock", _READ)
+        assert session.pipes == {} and sock.fileno() == -1 and chan.closes == 1
+    finally:
+        sock.close()
+        session._selector.close()
+        session._wake_r.close()
+        session._wake_w.close()

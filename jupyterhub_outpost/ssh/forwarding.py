@@ -161,15 +161,18 @@ class ForwardingSession:
             if chan is None:
                 return
             waiting -= 1
+            chan.settimeout(0.0)
             with self._lock:
+                # counted as offered until here, as a pipe from here, never as
+                # neither: the transport thread checks the limit meanwhile
                 offered = self._offered.pop(chan.get_id(), None)
-            if offered is None:
+                pipe = None if offered is None else _Pipe(chan, *offered)
+                if pipe is not None:
+                    self.pipes[chan.get_id()] = pipe
+            if pipe is None:
                 chan.close()
                 continue
-            chan.settimeout(0.0)
-            pipe = _Pipe(chan, *offered)
             pipe.sock.setblocking(False)
-            self.pipes[chan.get_id()] = pipe
             self._update(pipe)
 
     def _discard_offered(self):
@@ -214,6 +217,9 @@ class ForwardingSession:
         except OSError as e:
             if e.errno not in (errno.ECONNRESET, errno.EPIPE, None):
                 self.log.debug("SSH forward of hub %s to %s:%s: %s", self.hub, *pipe.destination, e)
+            self._close(pipe)
+            return
+        except EOFError:  # paramiko: the hub's connection is gone (the session ends with it)
             self._close(pipe)
             return
         if pipe.chan.closed or pipe.done:
