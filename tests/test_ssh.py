@@ -835,15 +835,40 @@ class _DeadConnectionChannel:
         raise EOFError()
 
 
+class _StandInTransport:
+    """Stands in for paramiko's Transport: whether its connection is up,
+    and the channels it hands over to the session's thread"""
+
+    def __init__(self, active=True, channels=()):
+        self.active = active
+        self.channels = list(channels)
+
+    def is_active(self):
+        return self.active
+
+    def accept(self, timeout):
+        return self.channels.pop(0) if self.channels else None
+
+
+def session_over(transport):
+    """hub-a's forwarding session over a stand-in transport, its thread not started"""
+    from jupyterhub_outpost.ssh.forwarding import ForwardingSession
+
+    return ForwardingSession(transport, "hub-a", logging.getLogger("test"), 1 << 20)
+
+
+def close_session(session):
+    """What the session's thread closes when it ends"""
+    session._selector.close()
+    session._wake_r.close()
+    session._wake_w.close()
+
+
 @database_independent
 def test_a_session_whose_connection_is_gone_still_closes_everything():
-    from jupyterhub_outpost.ssh.forwarding import ForwardingSession, _Pipe
+    from jupyterhub_outpost.ssh.forwarding import _Pipe
 
-    class _EndedTransport:
-        def is_active(self):
-            return False
-
-    session = ForwardingSession(_EndedTransport(), "hub-a", logging.getLogger("test"), 1 << 20)
+    session = session_over(_StandInTransport(active=False))
     pairs = [socket.socketpair() for _ in range(3)]
     channels = [_DeadConnectionChannel(i) for i in range(3)]
     for chan, (sock, _) in zip(channels, pairs):
@@ -898,14 +923,6 @@ def test_a_forward_being_handed_over_counts_against_the_limit(monkeypatch):
     # suite run: the 21st forward of 20 allowed was opened)
     from jupyterhub_outpost.ssh import forwarding
 
-    class _Transport:
-        def __init__(self, chan):
-            self.chan = chan
-
-        def accept(self, timeout):
-            chan, self.chan = self.chan, None
-            return chan
-
     seen, checks = [], []
 
     class _Pipe(forwarding._Pipe):
@@ -920,7 +937,7 @@ def test_a_forward_being_handed_over_counts_against_the_limit(monkeypatch):
     chan_sock, chan_peer = socket.socketpair()
     dest_sock, dest_peer = socket.socketpair()
     chan = _HandedOverChannel(7, chan_sock)
-    session = forwarding.ForwardingSession(_Transport(chan), "hub-a", logging.getLogger("test"), 1 << 20)
+    session = session_over(_StandInTransport(channels=[chan]))
     session._offered[7] = (dest_sock, ("127.0.0.1", 9), ("hub-a", "lab", "s1"))
     try:
         session._accept_offered()
@@ -929,9 +946,7 @@ def test_a_forward_being_handed_over_counts_against_the_limit(monkeypatch):
     finally:
         for sock in (chan_sock, chan_peer, dest_sock, dest_peer):
             sock.close()
-        session._selector.close()
-        session._wake_r.close()
-        session._wake_w.close()
+        close_session(session)
 
 
 @database_independent
@@ -939,13 +954,9 @@ def test_a_server_that_ends_its_forward_after_the_hub_left_ends_nothing_else():
     # the server closes its side; telling the hub (shutdown_write) fails, since
     # its connection is gone: this forward is closed, the session goes on
     # (seen in a suite run: the session's thread died of the EOFError)
-    from jupyterhub_outpost.ssh.forwarding import _READ, ForwardingSession, _Pipe
+    from jupyterhub_outpost.ssh.forwarding import _READ, _Pipe
 
-    class _Transport:
-        def is_active(self):
-            return True
-
-    session = ForwardingSession(_Transport(), "hub-a", logging.getLogger("test"), 1 << 20)
+    session = session_over(_StandInTransport())
     sock, server_side = socket.socketpair()
     sock.setblocking(False)
     chan = _DeadConnectionChannel(3)
@@ -956,6 +967,4 @@ def test_a_server_that_ends_its_forward_after_the_hub_left_ends_nothing_else():
         assert session.pipes == {} and sock.fileno() == -1 and chan.closes == 1
     finally:
         sock.close()
-        session._selector.close()
-        session._wake_r.close()
-        session._wake_w.close()
+        close_session(session)
