@@ -18,7 +18,7 @@ from jupyterhub_outpost.history import StartHistory
 from jupyterhub_outpost.orm import Database, Server, ServerRecord, StartRecord, User
 from jupyterhub_outpost.utils import as_utc, utcnow
 
-from .utils import ON_POSTGRES, drop_databases, new_db_url
+from .utils import ON_POSTGRES, drop_databases, new_db_url, wait_until
 
 KEY = Fernet.generate_key().decode()
 
@@ -184,7 +184,8 @@ async def in_one_batch(db, *calls):
     held = db.writes.submit(loop, lambda connection: running.set() or release.wait(10), ())
     assert await loop.run_in_executor(None, running.wait, 10)
     batch = asyncio.gather(*calls, return_exceptions=True)
-    await asyncio.sleep(0.05)  # all queued
+    # each call queues one write
+    await wait_until(lambda: len(db.writes._queue) == len(calls), timeout=10, interval=0.01, message="all queued")
     release.set()
     assert await held is True
     return await batch
