@@ -181,12 +181,18 @@ async def in_one_batch(db, *calls):
     write that holds the writer: they run as one batch"""
     loop = asyncio.get_running_loop()
     running, release = threading.Event(), threading.Event()
-    held = db.writes.submit(loop, lambda connection: running.set() or release.wait(10), ())
-    assert await loop.run_in_executor(None, running.wait, 10)
-    batch = asyncio.gather(*calls, return_exceptions=True)
-    # each call queues one write
-    await wait_until(lambda: len(db.writes._queue) == len(calls), timeout=10, interval=0.01, message="all queued")
-    release.set()
+    # one writer: no other takes the writes that wait behind the held one
+    workers, db.writes.workers = db.writes.workers, 1
+    try:
+        held = db.writes.submit(loop, lambda connection: running.set() or release.wait(10), ())
+        assert await loop.run_in_executor(None, running.wait, 10)
+        batch = asyncio.gather(*calls, return_exceptions=True)
+        # each call queues one write
+        await wait_until(lambda: len(db.writes._queue) == len(calls), timeout=10, interval=0.01,
+                         message="all queued")  # fmt: skip
+    finally:
+        release.set()
+        db.writes.workers = workers
     assert await held is True
     return await batch
 
