@@ -312,13 +312,17 @@ class _Statement:
     def run(self, dbapi_connection, params):
         """Run on a DBAPI connection with DBAPI ``params``: (rows changed,
         the first row returned or None); the DBAPI's errors as they are"""
+        return self._reply(self._sent(dbapi_connection, params))
+
+    def _sent(self, dbapi_connection, params):
+        """A cursor that ran this statement with ``params`` (closed if that raised)"""
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(self.sql, params)
         except BaseException:
             cursor.close()
             raise
-        return self._reply(cursor)
+        return cursor
 
     def _reply(self, cursor):
         """(rows changed, the first row returned or None) of ``cursor``, closed"""
@@ -338,11 +342,9 @@ class _Statement:
         what :meth:`execute` returns. In a pipeline (PostgreSQL), the reply
         is read when it is settled."""
         params = self.params(values)
-        cursor = connection.connection.dbapi_connection.cursor()
         try:
-            cursor.execute(self.sql, params)
+            cursor = self._sent(connection.connection.dbapi_connection, params)
         except self._error as e:
-            cursor.close()
             raise self._wrapped(e, params) from e
 
         def settle():
